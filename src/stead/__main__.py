@@ -1,0 +1,3 @@
+from stead.cli.main import main
+
+main()

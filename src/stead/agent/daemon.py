@@ -1,0 +1,380 @@
+"""``stead agent``: one daemon per node, every long-lived task owned by one TaskGroup.
+
+The active captures changes into the journal and runs one sender per passive; a passive
+runs the receiver and the applier. Blocking work (fsync, hashing, SQLite) runs in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from stead.agent.jobs import Job, JobTable
+from stead.agent.progress import AppendLog
+from stead.api.server import serve_unix
+from stead.channel import transport
+from stead.channel.transport import Connection
+from stead.config.load import Loaded
+from stead.errors import AuthenticationError, SteadError, TimeoutExpired, UsageError
+from stead.replication import check
+from stead.replication.applier import Applier
+from stead.replication.capture.inotify import InotifyCapture
+from stead.replication.capture.scan import initial_scan
+from stead.replication.entries import Entry
+from stead.replication.filters import Filter
+from stead.replication.journal import Journal, ReceiveQueue
+from stead.replication.manifest import Manifest
+from stead.replication.receiver import Receiver
+from stead.replication.sender import PeerState, Sender
+from stead.store.db import StateStore
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    def __init__(self, loaded: Loaded) -> None:
+        self.loaded = loaded
+        self.cluster = loaded.cluster
+        self.me = loaded.name
+        self.state_dir = loaded.state_dir
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = StateStore(self.state_dir / "state.db")
+        self.role: str = self.store.get("role") or (
+            "active" if self.cluster.cluster.active == self.me else "passive"
+        )
+        self.epoch: int = int(self.store.get("epoch", 1 if self.role == "active" else 0))
+        self.store.set_many({"role": self.role, "epoch": self.epoch})
+        self.clean_start = bool(self.store.get("clean_shutdown", True))
+        self.store.set("clean_shutdown", False)
+        self.roots = {p.path: Path(p.path) for p in self.cluster.protected}
+        self.filters = {p.path: Filter(p.include, p.exclude) for p in self.cluster.protected}
+        self.jobs = JobTable()
+        self.started = time.time()
+        self.journal: Journal | None = None
+        self.manifest: Manifest | None = None
+        self.capture: InotifyCapture | None = None
+        self.senders: dict[str, Sender] = {}
+        self.receiver: Receiver | None = None
+        self.appends = AppendLog()
+        self._emit_lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        tls = self.loaded
+        revoked = set(self.cluster.channel.revoked_serials)
+        ca, cert, key = tls.path(tls.node.ca), tls.path(tls.node.cert), tls.path(tls.node.key)
+        self.server_ssl = transport.server_context(ca, cert, key, revoked)
+        self.client_ssl = transport.client_context(ca, cert, key, revoked)
+        self.store.event("start", f"agent started as {self.role} (epoch {self.epoch})")
+        log.info("%s starting as %s, epoch %d", self.me, self.role, self.epoch)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                if self.role == "active":
+                    await self._start_active(tasks)
+                else:
+                    await self._start_passive(tasks)
+                servers = await self._listen()
+                api = await serve_unix(self, self.loaded.api_socket)
+                try:
+                    await self._stop.wait()
+                finally:
+                    log.info("%s stopping", self.me)
+                    await api.cleanup()
+                    for server in servers:
+                        server.close()
+                    for server in servers:
+                        await server.wait_closed()
+                    raise _Stopping
+        except* _Stopping:
+            pass
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        if self.journal is not None:
+            self.journal.sync()
+            self.journal.close()
+        if self.manifest is not None:
+            self.manifest.close()
+        if self.receiver is not None:
+            self.receiver.queue.sync()
+            self.receiver.queue.close()
+        self.store.set("clean_shutdown", True)
+        self.store.event("stop", "agent stopped cleanly")
+        self.store.close()
+
+    async def _listen(self) -> list[transport.ChannelServer]:
+        addresses = self.loaded.node.listen or self.cluster.node(self.me).addresses
+        return [
+            await transport.serve(
+                address,
+                self.cluster.channel.port,
+                self.server_ssl,
+                self._on_connection,
+                max_frame=self.cluster.channel.max_frame,
+                compression=self.cluster.channel.compression,
+            )
+            for address in addresses
+        ]
+
+    async def _on_connection(self, conn: Connection) -> None:
+        if conn.peer_name not in [n.name for n in self.cluster.nodes]:
+            raise AuthenticationError(f"{conn.peer_name!r} is not a node of this cluster")
+        if self.receiver is None:
+            from stead.channel import messages as m
+
+            await conn.send(m.Error(code="role", message=f"{self.me} is active"))
+            return
+        await self.receiver.serve_connection(conn)
+
+    # ---- active ------------------------------------------------------------------------
+
+    async def _start_active(self, tasks: asyncio.TaskGroup) -> None:
+        replication = self.cluster.replication
+        self.journal = Journal(
+            self.state_dir / "journal", max_bytes=replication.journal_max, fsync=replication.fsync
+        )
+        self.manifest = Manifest(self.state_dir / "manifest.db", replication.block_size)
+        self.capture = InotifyCapture(self.roots, self.filters, self.manifest)
+        self.capture.on_overflow = self._on_overflow
+        first_start = not self.store.get("initial_scan_done", False)
+        for peer in self.cluster.peers(self.me):
+            sender = Sender(
+                me=self.me,
+                peer=peer,
+                cluster=self.cluster,
+                journal=self.journal,
+                ssl_context=self.client_ssl,
+                epoch=lambda: self.epoch,
+                on_connected=self._peer_connected,
+            )
+            if not first_start:
+                # Changes made while this agent was down are found by a check.
+                sender.state.needs_check = "fast" if self.clean_start else "full"
+            self.senders[peer.name] = sender
+        # Watch first, then scan: a change made during the scan is seen by the watches.
+        await self.capture.start()
+        if first_start:
+            await self._initial_scan()
+        tasks.create_task(self.capture.run(self.emit))
+        for sender in self.senders.values():
+            tasks.create_task(sender.run())
+        tasks.create_task(self._trim_journal())
+
+    async def _initial_scan(self) -> None:
+        """Journal the whole protected state once, batch by batch (bounded memory)."""
+        assert self.capture is not None
+        batches = initial_scan(self.roots, self.filters, self.manifest, reader=self.capture.reader)
+        count = 0
+        while True:
+            # The scan commits manifest records for a batch only when asked for the next
+            # one, that is after the journal holds the batch.
+            batch = await asyncio.to_thread(next, batches, None)
+            if batch is None:
+                break
+            await self.emit(batch)
+            count += len(batch)
+        self.store.set("initial_scan_done", True)
+        self.store.event("initial-scan", f"initial scan journaled {count} entries")
+
+    async def emit(self, entries: list[Entry]) -> None:
+        """Append captured or repair entries to the journal: the one way bytes leave."""
+        if not entries:
+            return
+        journal = self.journal
+        assert journal is not None
+        async with self._emit_lock:
+            nbytes = sum(e.payload_bytes() for e in entries) + 64 * len(entries)
+            _first, last = await asyncio.to_thread(self._append, journal, entries)
+            self.appends.record(last, nbytes, time.monotonic())
+
+    def _append(self, journal: Journal, entries: list[Entry]) -> tuple[int, int]:
+        first, last = journal.append(self.epoch, entries)
+        if self.cluster.replication.fsync == "batch":
+            journal.sync()
+        return first, last
+
+    def _on_overflow(self) -> None:
+        for sender in self.senders.values():
+            sender.state.needs_check = sender.state.needs_check or "fast"
+            if sender.state.connected:
+                self.start_check(node=sender.peer.name, fast=True)
+
+    async def _peer_connected(self, state: PeerState) -> None:
+        if state.needs_check and not state.checking:
+            self.start_check(node=state.name, fast=state.needs_check == "fast")
+
+    async def _trim_journal(self) -> None:
+        """Drop journal segments every passive has persisted (the bound drops the rest)."""
+        assert self.journal is not None
+        seen: set[str] = set()
+        while True:
+            await asyncio.sleep(5.0)
+            for name, sender in self.senders.items():
+                if sender.state.connected:
+                    seen.add(name)
+            if seen >= set(self.senders):
+                floor = min(s.state.persisted for s in self.senders.values())
+                await asyncio.to_thread(self.journal.discard_through, floor)
+                self.appends.forget_through(floor)
+
+    # ---- passive -----------------------------------------------------------------------
+
+    async def _start_passive(self, tasks: asyncio.TaskGroup) -> None:
+        replication = self.cluster.replication
+        queue = ReceiveQueue(
+            self.state_dir / "queue", max_bytes=replication.journal_max, fsync=replication.fsync
+        )
+        applier = Applier(self.roots)
+        applier.recover()
+        self.receiver = Receiver(
+            me=self.me,
+            cluster=self.cluster,
+            queue=queue,
+            applier=applier,
+            store=self.store,
+            epoch=lambda: self.epoch,
+            handle_request=self._handle_request,
+        )
+        tasks.create_task(self.receiver.apply_loop())
+
+    async def _handle_request(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        if kind == "list":
+            return await check.answer_list(self.roots, self.filters, body)
+        raise UsageError(f"unknown request {kind!r}")
+
+    # ---- operator requests -------------------------------------------------------------
+
+    async def wait_sync(self, timeout: float) -> dict[str, Any]:
+        if self.role != "active" or self.journal is None or self.capture is None:
+            raise UsageError(f"{self.me} is passive; ask the active node")
+        deadline = time.monotonic() + timeout
+        async with asyncio.timeout(timeout):
+            await self.capture.drain()
+            async with self._emit_lock:
+                head = self.journal.head
+        result: dict[str, Any] = {"head": head, "nodes": {}}
+        for name, sender in self.senders.items():
+            if not sender.state.connected:
+                result["nodes"][name] = "disconnected"
+                continue
+            ok = await sender.wait_applied(head, max(0.0, deadline - time.monotonic()))
+            if not ok and sender.state.connected:
+                raise TimeoutExpired(
+                    f"{name} applied {sender.state.applied} of {head} within {timeout} s"
+                )
+            result["nodes"][name] = sender.state.applied
+        return result
+
+    def start_check(self, *, node: str | None, fast: bool) -> Job:
+        if self.role != "active":
+            raise UsageError(f"{self.me} is passive; run the check on the active node")
+        targets = [node] if node else list(self.senders)
+        for name in targets:
+            if name not in self.senders:
+                raise UsageError(f"{name!r} is not a passive of this cluster")
+        job = self.jobs.create("check", {"nodes": targets, "fast": fast})
+        job.task = asyncio.get_running_loop().create_task(self._run_check(job, targets, fast))
+        return job
+
+    async def _run_check(self, job: Job, targets: list[str], fast: bool) -> None:
+        assert self.journal is not None and self.capture is not None
+        try:
+            for name in targets:
+                sender = self.senders[name]
+                sender.state.checking = True
+                try:
+                    report = await check.run_check(
+                        sender=sender,
+                        roots=self.roots,
+                        filters=self.filters,
+                        capture=self.capture,
+                        block_size=self.cluster.replication.block_size,
+                        fast=fast,
+                        emit=self.emit,
+                        head=lambda: self.journal.head if self.journal else 0,
+                        progress=job.progress,
+                    )
+                finally:
+                    sender.state.checking = False
+                sender.state.needs_check = None
+                job.result[name] = report
+                self.store.event(
+                    "check",
+                    f"{'fast' if fast else 'full'} check of {name}: "
+                    f"{len(report['differences'])} differences repaired",
+                )
+            job.finish()
+        except (SteadError, OSError) as exc:
+            job.fail(str(exc))
+            self.store.event("check", f"check failed: {exc}", level="error")
+
+    # ---- status ------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        nodes: list[dict[str, Any]] = []
+        me: dict[str, Any] = {"name": self.me, "role": self.role, "self": True}
+        if self.journal is not None:
+            head = self.journal.head
+            me.update(state="active", journal_head=head, applied=head)
+            nodes.append(me)
+            for name, sender in self.senders.items():
+                state = sender.state
+                nodes.append(
+                    {
+                        "name": name,
+                        "role": "passive",
+                        "state": state.state(head),
+                        "address": state.address,
+                        "received": state.received,
+                        "persisted": state.persisted,
+                        "applied": state.applied,
+                        "queue_bytes": self.appends.bytes_after(state.applied, head),
+                        "lag_seconds": round(self.appends.age_after(state.applied, now), 3),
+                        "bytes_sent": state.bytes_sent,
+                        "error": state.error,
+                    }
+                )
+            journal = {
+                "head": head,
+                "first": self.journal.first,
+                "bytes": self.journal.total_bytes,
+            }
+        else:
+            assert self.receiver is not None
+            me.update(self.receiver.status())
+            me["state"] = "connected" if self.receiver.connected else "disconnected"
+            nodes.append(me)
+            journal = {}
+        return {
+            "cluster": self.cluster.cluster.name,
+            "node": self.me,
+            "role": self.role,
+            "epoch": self.epoch,
+            "uptime": round(time.time() - self.started, 1),
+            "journal": journal,
+            "capture": dataclasses.asdict(self.capture.stats) if self.capture else {},
+            "nodes": nodes,
+        }
+
+
+class _Stopping(Exception):
+    pass
+
+
+async def run_agent(loaded: Loaded) -> None:
+    agent = Agent(loaded)
+    with contextlib.suppress(asyncio.CancelledError):
+        await agent.run()

@@ -1,0 +1,60 @@
+"""Long operator requests (checks) run as jobs that the CLI polls for progress."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_JOBS = 100
+
+
+@dataclass
+class Job:
+    id: int
+    kind: str
+    params: dict[str, Any]
+    state: str = "running"
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    progress: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+    task: asyncio.Task[None] | None = None
+
+    def finish(self) -> None:
+        self.state, self.finished = "done", time.time()
+
+    def fail(self, error: str) -> None:
+        self.state, self.finished, self.error = "failed", time.time(), error
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "params": self.params,
+            "state": self.state,
+            "started": self.started,
+            "finished": self.finished,
+            "progress": self.progress,
+            "result": self.result,
+            "error": self.error,
+        }
+
+
+class JobTable:
+    def __init__(self) -> None:
+        self._jobs: dict[int, Job] = {}
+        self._ids = itertools.count(1)
+
+    def create(self, kind: str, params: dict[str, Any]) -> Job:
+        job = Job(next(self._ids), kind, params)
+        self._jobs[job.id] = job
+        while len(self._jobs) > MAX_JOBS:
+            del self._jobs[min(self._jobs)]
+        return job
+
+    def get(self, job_id: int) -> Job | None:
+        return self._jobs.get(job_id)

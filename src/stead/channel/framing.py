@@ -1,0 +1,237 @@
+"""Frames on a byte stream: the only way bytes travel between two nodes.
+
+A frame is a 5-byte header, a 4-byte big-endian payload length and a flags byte (bit 0: the
+payload is zstd-compressed; every other bit must be zero), then the payload: one msgpack map.
+Strings are packed and unpacked with ``surrogateescape``, so a Linux file name that is not
+valid UTF-8 travels as a ``str`` holding surrogates and comes back byte for byte.
+
+Limits are enforced before memory is committed: the header's length is checked against the
+maximum frame size before the payload is read, and a compressed payload may not decompress
+to more than that size either (no zip bombs).
+
+Duties:
+
+- Timing: nothing here sets a deadline; the transport wraps every read and drain in one.
+- Atomicity: :func:`write_message` hands the whole frame to the writer in one ``write`` call,
+  so concurrent writers never interleave frames. :func:`read_message` is not safe to cancel
+  once the header has been consumed: the stream is then mid-frame and must be dropped (the
+  transport's ``Connection`` does this).
+- :class:`Compression` keeps state (its zstd context and statistics): one per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections import deque
+from typing import Any, Literal
+
+import msgpack
+import zstandard
+
+from stead.errors import ChannelError, FrameTooLarge, ProtocolError
+
+HEADER = struct.Struct(">IB")
+HEADER_SIZE = HEADER.size
+FLAG_ZSTD = 0x01
+KNOWN_FLAGS = FLAG_ZSTD
+DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+
+CompressionMode = Literal["auto", "always", "never"]
+
+
+class Compression:
+    """When to compress a frame's payload.
+
+    ``never`` and ``always`` do what they say. ``auto`` compresses payloads of at least
+    ``min_size`` bytes and watches what it gains: when the last ``sample`` compressed frames
+    saved less than ``min_saving`` of their size together (already compressed data, media,
+    encrypted files), it sends the next ``pause`` frames as they are, then tries again. In
+    ``auto`` a frame whose compressed form is not smaller is sent uncompressed.
+    """
+
+    def __init__(
+        self,
+        mode: CompressionMode = "auto",
+        *,
+        min_size: int = 512,
+        level: int = 3,
+        sample: int = 8,
+        min_saving: float = 0.10,
+        pause: int = 64,
+    ) -> None:
+        if mode not in ("auto", "always", "never"):
+            raise ValueError(f"unknown compression mode {mode!r}")
+        if min_size < 0 or sample < 1 or pause < 0 or not 0.0 <= min_saving < 1.0:
+            raise ValueError("invalid compression parameters")
+        self.mode: CompressionMode = mode
+        self.min_size = min_size
+        self.sample = sample
+        self.min_saving = min_saving
+        self.pause = pause
+        self._compressor = zstandard.ZstdCompressor(level=level)
+        self._recent: deque[tuple[int, int]] = deque(maxlen=sample)  # (raw, compressed)
+        self._skip = 0
+        self.frames_compressed = 0
+        self.frames_plain = 0
+
+    @property
+    def paused(self) -> bool:
+        """True while ``auto`` has given up on compression for a while."""
+        return self._skip > 0
+
+    def apply(self, raw: bytes) -> tuple[int, bytes]:
+        """Return ``(flags, payload)`` for one frame's msgpack bytes."""
+        if self.mode == "never":
+            return self._plain(raw)
+        if self.mode == "always":
+            self.frames_compressed += 1
+            return FLAG_ZSTD, self._compressor.compress(raw)
+        if len(raw) < self.min_size:
+            return self._plain(raw)
+        if self._skip > 0:
+            self._skip -= 1
+            return self._plain(raw)
+        packed = self._compressor.compress(raw)
+        self._learn(len(raw), len(packed))
+        if len(packed) >= len(raw):
+            return self._plain(raw)
+        self.frames_compressed += 1
+        return FLAG_ZSTD, packed
+
+    def _plain(self, raw: bytes) -> tuple[int, bytes]:
+        self.frames_plain += 1
+        return 0, raw
+
+    def _learn(self, raw_size: int, packed_size: int) -> None:
+        self._recent.append((raw_size, packed_size))
+        if len(self._recent) < self.sample:
+            return
+        raw_total = sum(r for r, _ in self._recent)
+        packed_total = sum(p for _, p in self._recent)
+        if raw_total - packed_total < self.min_saving * raw_total:
+            # Forget the sample so that the next attempt judges fresh data only.
+            self._skip = self.pause
+            self._recent.clear()
+
+
+def pack(obj: dict[str, Any]) -> bytes:
+    """Msgpack bytes of one message map (non-UTF-8 text survives via surrogateescape)."""
+    return msgpack.packb(obj, use_bin_type=True, unicode_errors="surrogateescape")
+
+
+def encode_frame(
+    obj: dict[str, Any],
+    compression: Compression | None = None,
+    max_frame: int = DEFAULT_MAX_FRAME,
+) -> bytes:
+    """The complete frame (header and payload) for one message map.
+
+    Raises :class:`FrameTooLarge` when the payload exceeds ``max_frame``: the peer would
+    refuse it, so the sender must split its batch instead.
+    """
+    raw = pack(obj)
+    flags, payload = compression.apply(raw) if compression else (0, raw)
+    if len(payload) > max_frame or len(raw) > max_frame:
+        raise FrameTooLarge(
+            f"outgoing message of {len(raw)} bytes exceeds the frame limit of {max_frame}"
+        )
+    return HEADER.pack(len(payload), flags) + payload
+
+
+def parse_header(header: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> tuple[int, int]:
+    """``(length, flags)`` from a frame header, refusing unknown flags and oversized frames."""
+    length, flags = HEADER.unpack(header)
+    if flags & ~KNOWN_FLAGS:
+        raise ProtocolError(f"unknown frame flags 0x{flags:02x}")
+    if length > max_frame:
+        raise FrameTooLarge(f"incoming frame of {length} bytes exceeds the limit of {max_frame}")
+    return length, flags
+
+
+def decode_payload(
+    payload: bytes, flags: int = 0, max_frame: int = DEFAULT_MAX_FRAME
+) -> dict[str, Any]:
+    """Decompress (bounded by ``max_frame``) and unpack one payload into a message map."""
+    if flags & FLAG_ZSTD:
+        payload = _decompress(payload, max_frame)
+    try:
+        obj = msgpack.unpackb(
+            payload,
+            raw=False,
+            strict_map_key=True,
+            unicode_errors="surrogateescape",
+            use_list=True,
+        )
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise ProtocolError(f"undecodable payload: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"payload is a {type(obj).__name__}, not a map")
+    return obj
+
+
+def decode_frame(frame: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> dict[str, Any]:
+    """Decode one complete frame held in memory (tests and benchmarks)."""
+    if len(frame) < HEADER_SIZE:
+        raise ProtocolError("truncated frame header")
+    length, flags = parse_header(frame[:HEADER_SIZE], max_frame)
+    if len(frame) != HEADER_SIZE + length:
+        raise ProtocolError(f"frame length {length} does not match {len(frame) - HEADER_SIZE}")
+    return decode_payload(frame[HEADER_SIZE:], flags, max_frame)
+
+
+async def read_frame(
+    reader: asyncio.StreamReader, max_frame: int = DEFAULT_MAX_FRAME
+) -> tuple[int, bytes]:
+    """Read one frame; return ``(flags, payload)``.
+
+    Raises :class:`ChannelError` when the stream ends (cleanly between frames or in the
+    middle of one) and :class:`ProtocolError` for a bad header.
+    """
+    try:
+        header = await reader.readexactly(HEADER_SIZE)
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise ChannelError("peer closed the connection inside a frame header") from None
+        raise ChannelError("peer closed the connection") from None
+    length, flags = parse_header(header, max_frame)
+    try:
+        payload = await reader.readexactly(length)
+    except asyncio.IncompleteReadError as exc:
+        raise ChannelError(
+            f"peer closed the connection after {len(exc.partial)} of {length} payload bytes"
+        ) from None
+    return flags, payload
+
+
+async def read_message(
+    reader: asyncio.StreamReader, max_frame: int = DEFAULT_MAX_FRAME
+) -> dict[str, Any]:
+    """Read and decode one message map."""
+    flags, payload = await read_frame(reader, max_frame)
+    return decode_payload(payload, flags, max_frame)
+
+
+async def write_message(
+    writer: asyncio.StreamWriter,
+    obj: dict[str, Any],
+    compression: Compression | None = None,
+    max_frame: int = DEFAULT_MAX_FRAME,
+) -> None:
+    """Encode, write and drain one message map."""
+    writer.write(encode_frame(obj, compression, max_frame))
+    await writer.drain()
+
+
+def _decompress(payload: bytes, max_frame: int) -> bytes:
+    try:
+        # A frame that declares its size is checked before zstd allocates that size;
+        # max_output_size bounds only frames that do not declare it.
+        declared = zstandard.frame_content_size(payload)
+        if declared > max_frame:
+            raise FrameTooLarge(
+                f"compressed frame expands to {declared} bytes, over the limit of {max_frame}"
+            )
+        return zstandard.ZstdDecompressor().decompress(payload, max_output_size=max_frame)
+    except zstandard.ZstdError as exc:
+        raise ProtocolError(f"bad compressed payload: {exc}") from None

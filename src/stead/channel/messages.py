@@ -1,0 +1,356 @@
+"""The channel's vocabulary: versioned, typed messages.
+
+Every message is a frozen dataclass. ``to_wire()`` gives the map that framing packs (with a
+``"type"`` key); ``from_wire()`` builds the message back from what a peer sent and checks
+every field, raising :class:`ProtocolError` with a sentence that names the message and the
+field on anything malformed. Nothing a peer sends is trusted.
+
+Versioning: :data:`PROTOCOL_VERSION` travels in :class:`Hello`; a node refuses a peer whose
+version it does not speak (that decision belongs to the caller, see
+:func:`check_protocol`). Unknown keys in a known message are ignored, so a later version may
+add optional fields without breaking older peers; a new message type is a new class under
+``@register``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+from stead.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+ROLES = frozenset({"active", "passive"})
+MAX_TEXT = 64 * 1024  # no legitimate name, kind or error text comes close
+
+_REGISTRY: dict[str, type[Message]] = {}
+M = TypeVar("M", bound="type[Message]")
+
+
+class Message:
+    """Base of every channel message; subclasses are frozen dataclasses under ``@register``."""
+
+    __slots__ = ()
+    TYPE: ClassVar[str] = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> Message:
+        raise NotImplementedError
+
+
+def register(type_name: str) -> Callable[[M], M]:
+    """Class decorator: make a message type known to :func:`parse_message`."""
+
+    def decorate(cls: M) -> M:
+        if type_name in _REGISTRY:
+            raise ValueError(f"message type {type_name!r} registered twice")
+        cls.TYPE = type_name
+        _REGISTRY[type_name] = cls
+        return cls
+
+    return decorate
+
+
+def message_types() -> dict[str, type[Message]]:
+    """Every registered message type by wire name."""
+    return dict(_REGISTRY)
+
+
+def parse_message(wire: Any) -> Message:
+    """Build the typed message that a decoded frame holds."""
+    if not isinstance(wire, dict):
+        raise ProtocolError("message is not a map")
+    type_name = wire.get("type")
+    if not isinstance(type_name, str):
+        raise ProtocolError("message without a type")
+    cls = _REGISTRY.get(type_name)
+    if cls is None:
+        raise ProtocolError(f"unknown message type {type_name[:64]!r}")
+    return cls.from_wire(wire)
+
+
+def check_protocol(hello: Hello) -> None:
+    """Refuse a peer that does not speak our protocol version."""
+    if hello.protocol != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"peer {hello.node!r} speaks protocol {hello.protocol}, we speak {PROTOCOL_VERSION}"
+        )
+
+
+@register("hello")
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """Sent by both sides first on every connection: who I am and where I stand."""
+
+    protocol: int
+    cluster_id: str
+    node: str
+    epoch: int
+    role: str
+    applied_seq: int
+    persisted_seq: int
+    journal_head: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": self.TYPE,
+            "protocol": self.protocol,
+            "cluster_id": self.cluster_id,
+            "node": self.node,
+            "epoch": self.epoch,
+            "role": self.role,
+            "applied_seq": self.applied_seq,
+            "persisted_seq": self.persisted_seq,
+            "journal_head": self.journal_head,
+        }
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> Hello:
+        f = _Fields(cls.TYPE, wire)
+        protocol = f.uint("protocol")
+        if protocol < 1:
+            raise ProtocolError("hello: protocol must be at least 1")
+        return cls(
+            protocol=protocol,
+            cluster_id=f.text("cluster_id", required=True),
+            node=f.text("node", required=True),
+            epoch=f.uint("epoch"),
+            role=f.role("role"),
+            applied_seq=f.uint("applied_seq"),
+            persisted_seq=f.uint("persisted_seq"),
+            journal_head=f.uint("journal_head"),
+        )
+
+
+@register("records")
+@dataclass(frozen=True, slots=True)
+class Records(Message):
+    """A batch of journal records ``(seq, payload)`` with strictly increasing seqs."""
+
+    epoch: int
+    records: list[tuple[int, bytes]]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": self.TYPE,
+            "epoch": self.epoch,
+            "records": [[seq, payload] for seq, payload in self.records],
+        }
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> Records:
+        f = _Fields(cls.TYPE, wire)
+        epoch = f.uint("epoch")
+        raw = f.get("records", list)
+        records: list[tuple[int, bytes]] = []
+        previous = -1
+        for index, item in enumerate(raw):
+            if not isinstance(item, list) or len(item) != 2:
+                raise ProtocolError(f"records: record {index} is not a [seq, payload] pair")
+            seq, payload = item
+            if not _is_int(seq) or seq < 0:
+                raise ProtocolError(f"records: record {index} has an invalid seq {seq!r}")
+            if not isinstance(payload, bytes):
+                raise ProtocolError(f"records: record {index} payload is not bytes")
+            if seq <= previous:
+                raise ProtocolError(f"records: seq {seq} does not follow {previous}")
+            previous = seq
+            records.append((seq, payload))
+        return cls(epoch=epoch, records=records)
+
+
+@register("ack")
+@dataclass(frozen=True, slots=True)
+class Ack(Message):
+    """A passive's three marks; ``applied <= persisted <= received`` always holds."""
+
+    received: int
+    persisted: int
+    applied: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": self.TYPE,
+            "received": self.received,
+            "persisted": self.persisted,
+            "applied": self.applied,
+        }
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> Ack:
+        f = _Fields(cls.TYPE, wire)
+        received, persisted, applied = f.uint("received"), f.uint("persisted"), f.uint("applied")
+        if not applied <= persisted <= received:
+            raise ProtocolError(
+                f"ack: marks out of order (received {received}, persisted {persisted}, "
+                f"applied {applied})"
+            )
+        return cls(received=received, persisted=persisted, applied=applied)
+
+
+@register("heartbeat")
+@dataclass(frozen=True, slots=True)
+class Heartbeat(Message):
+    """Periodic liveness and position; ``sent_at`` is the sender's wall clock (seconds)."""
+
+    epoch: int
+    role: str
+    sent_at: float
+    journal_head: int
+    applied_seq: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": self.TYPE,
+            "epoch": self.epoch,
+            "role": self.role,
+            "sent_at": float(self.sent_at),
+            "journal_head": self.journal_head,
+            "applied_seq": self.applied_seq,
+        }
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> Heartbeat:
+        f = _Fields(cls.TYPE, wire)
+        return cls(
+            epoch=f.uint("epoch"),
+            role=f.role("role"),
+            sent_at=f.number("sent_at"),
+            journal_head=f.uint("journal_head"),
+            applied_seq=f.uint("applied_seq"),
+        )
+
+
+@register("request")
+@dataclass(frozen=True, slots=True)
+class Request(Message):
+    """A generic request; the receiver answers with a :class:`Reply` of the same ``id``."""
+
+    id: int
+    kind: str
+    body: dict[str, Any]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "id": self.id, "kind": self.kind, "body": self.body}
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> Request:
+        f = _Fields(cls.TYPE, wire)
+        return cls(id=f.uint("id"), kind=f.text("kind", required=True), body=f.body("body"))
+
+
+@register("reply")
+@dataclass(frozen=True, slots=True)
+class Reply(Message):
+    """The answer to a :class:`Request`; ``error`` is empty when ``ok``."""
+
+    id: int
+    ok: bool
+    body: dict[str, Any]
+    error: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": self.TYPE,
+            "id": self.id,
+            "ok": self.ok,
+            "body": self.body,
+            "error": self.error,
+        }
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> Reply:
+        f = _Fields(cls.TYPE, wire)
+        ok = f.get("ok", bool)
+        error = f.text("error")
+        if not ok and not error:
+            raise ProtocolError("reply: a failed reply must say why")
+        return cls(id=f.uint("id"), ok=ok, body=f.body("body"), error=error)
+
+
+@register("error")
+@dataclass(frozen=True, slots=True)
+class Error(Message):
+    """Sent just before closing a connection, to say why."""
+
+    code: str
+    message: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "code": self.code, "message": self.message}
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> Error:
+        f = _Fields(cls.TYPE, wire)
+        return cls(code=f.text("code", required=True), message=f.text("message"))
+
+
+T = TypeVar("T")
+
+
+class _Fields:
+    """Field access that names the message and the field in every complaint."""
+
+    __slots__ = ("name", "wire")
+
+    def __init__(self, name: str, wire: dict[str, Any]) -> None:
+        self.name = name
+        self.wire = wire
+
+    def get(self, key: str, kind: type[T]) -> T:
+        if key not in self.wire:
+            raise ProtocolError(f"{self.name}: missing field {key!r}")
+        value = self.wire[key]
+        # bool is an int in Python: an int field must not accept True.
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ProtocolError(
+                f"{self.name}: field {key!r} is a {type(value).__name__}, not {kind.__name__}"
+            )
+        return value
+
+    def uint(self, key: str) -> int:
+        value = self.get(key, int)
+        if value < 0:
+            raise ProtocolError(f"{self.name}: field {key!r} is negative ({value})")
+        return value
+
+    def text(self, key: str, *, required: bool = False) -> str:
+        value = self.get(key, str)
+        if required and not value:
+            raise ProtocolError(f"{self.name}: field {key!r} is empty")
+        if len(value) > MAX_TEXT:
+            raise ProtocolError(f"{self.name}: field {key!r} is too long")
+        return value
+
+    def role(self, key: str) -> str:
+        value = self.get(key, str)
+        if value not in ROLES:
+            raise ProtocolError(f"{self.name}: unknown role {value[:32]!r}")
+        return value
+
+    def number(self, key: str) -> float:
+        if key not in self.wire:
+            raise ProtocolError(f"{self.name}: missing field {key!r}")
+        value = self.wire[key]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ProtocolError(f"{self.name}: field {key!r} is not a number")
+        result = float(value)
+        if not math.isfinite(result):
+            raise ProtocolError(f"{self.name}: field {key!r} is not finite")
+        return result
+
+    def body(self, key: str) -> dict[str, Any]:
+        value = self.get(key, dict)
+        # strict_map_key lets bytes keys through; bodies are keyed by text only.
+        if not all(isinstance(k, str) for k in value):
+            raise ProtocolError(f"{self.name}: field {key!r} has a non-text key")
+        return value
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -1,0 +1,34 @@
+"""The ``stead`` command: one Typer app, one module per command group."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from stead.cli import agent, check, config, filters, init, lab, status
+from stead.errors import SteadError
+
+app = typer.Typer(
+    name="stead",
+    help="Stead: keep exact clones of a Linux server in sync and fail over in seconds.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command("init")(init.init)
+app.add_typer(config.app, name="config")
+app.command("agent")(agent.agent)
+app.command("status")(status.status)
+app.command("wait-sync")(status.wait_sync)
+app.command("check")(check.check)
+app.command("filters")(filters.filters)
+app.add_typer(lab.app, name="lab")
+
+
+def main() -> None:
+    try:
+        app()
+    except SteadError as exc:
+        print(f"stead: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)

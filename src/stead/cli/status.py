@@ -1,0 +1,77 @@
+"""``stead status`` and ``stead wait-sync``."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from stead.cli.client import AgentClient, find_socket
+from stead.cli.options import ConfigDirOption, JsonOption, SocketOption
+
+
+def _size(value: int | None) -> str:
+    if value is None:
+        return "-"
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def render_status(data: dict[str, Any]) -> Table:
+    journal = data.get("journal") or {}
+    title = (
+        f"cluster {data['cluster']} · seen from {data['node']} ({data['role']}) · "
+        f"epoch {data['epoch']}"
+    )
+    if journal:
+        title += f" · journal {journal['first']}..{journal['head']} ({_size(journal['bytes'])})"
+    table = Table(title=title, title_justify="left")
+    for column in ("node", "role", "state", "journal head", "acked", "applied", "queue", "lag"):
+        table.add_column(column, justify="right" if column not in ("node", "role") else "left")
+    for node in data["nodes"]:
+        state = node.get("state", "")
+        color = {"in sync": "green", "syncing": "yellow", "active": "cyan"}.get(state, "red")
+        lag = node.get("lag_seconds")
+        table.add_row(
+            node["name"],
+            node["role"],
+            f"[{color}]{state}[/{color}]",
+            str(node.get("journal_head", journal.get("head", "-"))),
+            str(node.get("persisted", "-")),
+            str(node.get("applied", "-")),
+            _size(node.get("queue_bytes")),
+            "-" if lag is None else f"{lag:.3f} s",
+        )
+    return table
+
+
+def status(
+    as_json: JsonOption = False, config: ConfigDirOption = None, socket: SocketOption = None
+) -> None:
+    """Show every node: role, state, journal head, acknowledged and applied sequence, lag."""
+    data = AgentClient(find_socket(socket, config)).call("GET", "/v1/status")
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    Console().print(render_status(data))
+
+
+def wait_sync(
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait.")] = 60.0,
+    config: ConfigDirOption = None,
+    socket: SocketOption = None,
+) -> None:
+    """Wait until every connected passive has applied every change made before this call."""
+    if timeout <= 0:
+        raise typer.BadParameter("must be positive", param_hint="--timeout")
+    client = AgentClient(find_socket(socket, config), timeout=timeout + 10)
+    result = client.call("POST", "/v1/wait-sync", {"timeout": timeout})
+    nodes = ", ".join(f"{name} {applied}" for name, applied in result["nodes"].items())
+    Console().print(f"[green]in sync[/green] at journal head {result['head']}: {nodes}")

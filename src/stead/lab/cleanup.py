@@ -1,0 +1,106 @@
+"""Taking labs apart, including what a crashed run left behind.
+
+Order matters: first the processes (they keep mount namespaces, and with them the loop
+mounts, alive), then the network namespaces (their veth pairs go with them), then the loop
+devices (normally gone by then: ``mount -o loop`` sets them to clear themselves), last the
+bridge. Leftovers are found by naming convention, not from the state file, which a crash may
+have left stale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from stead.errors import LabError
+from stead.lab import netns, procs
+
+log = logging.getLogger(__name__)
+
+OWNER_FILE = Path("/run/stead-lab/owner")
+LOOP_RELEASE_TIMEOUT = 10.0
+
+
+def owner() -> Path | None:
+    """Directory of the lab that last claimed this machine's lab namespaces."""
+    try:
+        text = OWNER_FILE.read_text().strip()
+    except OSError:
+        return None
+    return Path(text) if text else None
+
+
+def claim(lab_dir: Path) -> None:
+    OWNER_FILE.parent.mkdir(parents=True, exist_ok=True)
+    OWNER_FILE.write_text(f"{lab_dir}\n")
+
+
+def release(lab_dir: Path | None = None) -> None:
+    if lab_dir is None or owner() == lab_dir:
+        with contextlib.suppress(FileNotFoundError):
+            OWNER_FILE.unlink()
+
+
+def _release_loops(still_there: Callable[[], list[str]]) -> None:
+    """Wait for loop devices to clear themselves; detach the ones that do not."""
+    if procs.wait_until(lambda: not still_there(), LOOP_RELEASE_TIMEOUT / 2):
+        return
+    for dev in still_there():
+        log.info("detaching leftover loop device %s", dev)
+        netns.run(["losetup", "--detach", dev], check=False)
+    if not procs.wait_until(lambda: not still_there(), LOOP_RELEASE_TIMEOUT / 2):
+        raise LabError(f"loop devices {still_there()} are still attached (mounted elsewhere?)")
+
+
+def teardown_node(ns: str, veth: str, image: Path, holders: Iterable[procs.ProcRef | None]) -> None:
+    """Remove one node: its processes, namespaces, veth pair and loop device."""
+    holders = list(holders)
+    net = netns.netns_inode(ns)
+    mnt = {
+        inode
+        for ref in holders
+        if ref is not None and ref.alive()
+        for inode in [procs.ns_inode(ref.pid, "mnt")]
+        if inode is not None
+    }
+    victims = procs.processes_in_namespaces({net} if net is not None else set(), mnt)
+    victims += [ref.pid for ref in holders if ref is not None and ref.alive()]
+    if victims:
+        procs.kill_pids(sorted(set(victims)))
+    # Deleting a veth takes its peer at once; a namespace's links go asynchronously.
+    if netns.link_exists(veth):
+        netns.run(["ip", "link", "del", veth], check=False)
+    netns.remove_node_network(ns)
+    if netns.loop_devices_under(image):
+        _release_loops(lambda: netns.loop_devices_under(image))
+
+
+def sweep_all() -> list[str]:
+    """Remove every lab of this machine by naming convention; returns what was removed."""
+    removed: list[str] = []
+    names = netns.list_netns()
+    net = {i for i in (netns.netns_inode(n) for n in names) if i is not None}
+    holders = procs.holder_processes()
+    mnt = {i for i in (procs.ns_inode(p, "mnt") for p in holders) if i is not None}
+    victims = sorted(set(procs.processes_in_namespaces(net, mnt)) | set(holders))
+    if victims:
+        procs.kill_pids(victims)
+        removed.append(f"{len(victims)} processes")
+    for link in netns.list_lab_links():
+        if link != netns.BRIDGE:
+            netns.run(["ip", "link", "del", link], check=False)
+            removed.append(f"link {link}")
+    for name in names:
+        netns.remove_node_network(name)
+        removed.append(f"netns {name}")
+    loops = netns.lab_loop_devices()
+    if loops:
+        _release_loops(netns.lab_loop_devices)
+        removed += [f"loop {dev}" for dev in loops]
+    if netns.link_exists(netns.BRIDGE):
+        netns.remove_bridge()
+        removed.append(f"bridge {netns.BRIDGE}")
+    release()
+    return removed

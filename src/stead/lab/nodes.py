@@ -1,0 +1,546 @@
+"""The lab: several Stead hosts on one machine, as Linux namespaces.
+
+Each node is a network namespace on a shared bridge, a UTS namespace with the node's host
+name, and a mount namespace where the protected path ``/srv/lab`` is the node's own ext4 file
+system (a sparse image, loop-mounted). A holder process keeps these namespaces alive (see
+``stead.lab.holder``); the node's agent and every command for the node enter them with
+``nsenter -t HOLDER -m -u -n``. Configuration, state and the agent's API socket stay on the
+host disk under ``DIR/<node>``, so the host reaches them directly.
+
+Timing duties: ``up``, ``start`` and ``stop`` wait, within bounds, for what they started or
+stopped to be observable (pid files, the agent's socket accepting, processes gone); they
+never sleep for a fixed time. Atomicity: ``lab.json`` is replaced atomically, and changes to
+one lab are serialised by a lock file, so two ``stead lab`` commands cannot interleave.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from stead.errors import LabError
+from stead.lab import cleanup, netns, procs, state
+from stead.lab.config import NodePaths, write_cluster_config
+from stead.lab.state import LabState, NodeState
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LAB_DIR = Path("/var/lib/stead-lab")
+LAB_DIR_ENV = "STEAD_LAB_DIR"
+AGENT_CMD_ENV = "STEAD_LAB_AGENT_CMD"
+WAIT_READY_ENV = "STEAD_LAB_WAIT_READY"
+PROTECT = "/srv/lab"
+FIRST_NAMES = ("primary", "secondary", "tertiary")
+HOLDER_TIMEOUT = 15.0
+READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+FILL_FILE = ".stead-lab-fill"
+_SIZE = re.compile(r"^(\d+)([KMGT]?)i?B?$", re.IGNORECASE)
+
+
+def node_names(count: int) -> list[str]:
+    """primary, secondary, tertiary, node4, node5, ..."""
+    if count < 1:
+        raise LabError("a lab needs at least one node")
+    return [FIRST_NAMES[i] if i < len(FIRST_NAMES) else f"node{i + 1}" for i in range(count)]
+
+
+def parse_size(text: str) -> int:
+    """``2G``, ``512M``, ``1048576`` (powers of 1024) to bytes."""
+    match = _SIZE.match(text.strip())
+    if not match:
+        raise LabError(f"not a size: {text!r} (examples: 2G, 512M)")
+    unit: int = 1024 ** "BKMGT".index((match[2] or "B").upper())
+    return int(match[1]) * unit
+
+
+def default_dir() -> Path:
+    return Path(os.environ.get(LAB_DIR_ENV) or DEFAULT_LAB_DIR)
+
+
+def find_lab() -> Lab | None:
+    """The lab at ``$STEAD_LAB_DIR`` (or the default directory), if one is up there."""
+    lab = Lab(default_dir())
+    return lab if (lab.dir / state.STATE_FILE).exists() else None
+
+
+def down_all(*more_dirs: Path | None) -> list[str]:
+    """Take down every lab of this machine: known ones properly, then leftovers by name."""
+    _require_root()
+    for candidate in {default_dir(), cleanup.owner(), *more_dirs}:
+        if candidate is not None and (candidate / state.STATE_FILE).exists():
+            Lab(candidate).down()
+    return cleanup.sweep_all()
+
+
+class Lab:
+    """One lab, kept in a directory (``DIR/lab.json`` and ``DIR/<node>/``).
+
+    ``agent_cmd`` replaces the real agent (default: ``$STEAD_LAB_AGENT_CMD``); it is a command
+    line where ``{python}``, ``{node}``, ``{address}``, ``{socket}``, ``{config_dir}``,
+    ``{state_dir}`` and ``{dir}`` are replaced. ``wait_ready`` makes ``up``/``start`` wait
+    for the agent's socket; by default only for the real agent (or ``$STEAD_LAB_WAIT_READY``).
+    Both are recorded by ``up`` and reused by later ``start`` calls. ``skip_init`` skips
+    ``stead init`` (default: ``$STEAD_LAB_SKIP_INIT``).
+    """
+
+    def __init__(
+        self,
+        dir: Path | str | None = None,
+        *,
+        agent_cmd: str | None = None,
+        wait_ready: bool | None = None,
+        skip_init: bool | None = None,
+    ) -> None:
+        self.dir = Path(os.path.abspath(dir if dir is not None else default_dir()))
+        self._agent_cmd = agent_cmd if agent_cmd is not None else os.environ.get(AGENT_CMD_ENV)
+        self._wait_ready = wait_ready
+        self._skip_init = skip_init
+
+    def __repr__(self) -> str:
+        return f"Lab({str(self.dir)!r})"
+
+    # -- state ---------------------------------------------------------------------------
+
+    def _state(self) -> LabState:
+        current = state.load(self.dir)
+        if current is None:
+            raise LabError(f"no lab is up in {self.dir} (run `stead lab up --dir {self.dir}`)")
+        return current
+
+    def _node(self, name: str) -> NodeState:
+        current = self._state()
+        if name not in current.nodes:
+            raise LabError(f"no node {name!r} in the lab (nodes: {', '.join(current.nodes)})")
+        return current.nodes[name]
+
+    def paths(self, name: str) -> NodePaths:
+        return NodePaths(self.dir / name)
+
+    @property
+    def nodes(self) -> list[str]:
+        current = state.load(self.dir)
+        return list(current.nodes) if current else []
+
+    def addresses(self) -> dict[str, str]:
+        return {name: node.address for name, node in self._state().nodes.items()}
+
+    def socket_path(self, name: str) -> Path:
+        self._node(name)
+        return self.paths(name).socket
+
+    def active_socket(self) -> Path:
+        """API socket of the node whose agent is active.
+
+        TODO(lead): ask each agent for its role; until then, the node configured as active.
+        """
+        return self.socket_path(self._state().active)
+
+    def node_fs_path(self, name: str) -> Path:
+        """The node's protected path as seen from the host (through its holder's root)."""
+        holder = self._node(name).holder
+        if holder is None or not holder.alive():
+            raise LabError(f"node {name} is not running (its holder is gone)")
+        return Path(f"/proc/{holder.pid}/root{PROTECT}")
+
+    # -- up and down ---------------------------------------------------------------------
+
+    def up(self, n: int = 3, disk_size: str = "2G") -> dict[str, Any]:
+        """Build the lab with ``n`` nodes, or complete it: running pieces are kept."""
+        _require_root()
+        names = node_names(n)
+        parse_size(disk_size)
+        with state.locked(self.dir):
+            self._check_owner()
+            current = state.load(self.dir) or LabState(dir=str(self.dir))
+            current.disk_size = disk_size
+            real_agent = not self._agent_cmd
+            current.agent_cmd = self._agent_cmd or None
+            env_wait = os.environ.get(WAIT_READY_ENV, "") not in ("", "0")
+            current.wait_ready = (
+                self._wait_ready if self._wait_ready is not None else real_agent or env_wait
+            )
+            for extra in [name for name in current.nodes if name not in names]:
+                self._teardown(current.nodes.pop(extra))
+            cleanup.claim(self.dir)
+            netns.ensure_bridge()
+            for index, name in enumerate(names):
+                old = current.nodes.get(name)
+                address = netns.node_address(index)
+                if old is None or old.index != index:
+                    current.nodes[name] = NodeState(
+                        name, index, address, netns.netns_name(name), netns.veth_name(name, index)
+                    )
+            write_cluster_config(
+                self.dir,
+                self.addresses_of(current),
+                {name: self.paths(name) for name in names},
+                active=current.active,
+                protect=current.protect,
+                skip=self._skip_init,
+            )
+            for name in names:
+                self._ensure_node(current, current.nodes[name])
+                state.save(self.dir, current)
+            for name in names:
+                self._ensure_agent(current, current.nodes[name])
+                state.save(self.dir, current)
+            if current.wait_ready:
+                for name in names:
+                    self._wait_ready_socket(current.nodes[name])
+        return self.status()
+
+    @staticmethod
+    def addresses_of(current: LabState) -> dict[str, str]:
+        return {name: node.address for name, node in current.nodes.items()}
+
+    def down(self) -> None:
+        """Remove every process, namespace, mount, loop device and link of this lab.
+
+        Files (disk images, configuration, state) stay, so that ``up`` finds them again.
+        """
+        _require_root()
+        with state.locked(self.dir):
+            current = state.load(self.dir)
+            nodes = list(current.nodes.values()) if current else []
+            for node in nodes:
+                self._teardown(node)
+            stray = procs.holder_processes(str(self.dir))
+            if stray:
+                procs.kill_pids(stray)
+            if not [link for link in netns.list_lab_links() if link != netns.BRIDGE]:
+                netns.remove_bridge()
+            state.remove(self.dir)
+            cleanup.release(self.dir)
+
+    def _check_owner(self) -> None:
+        other = cleanup.owner()
+        if other is not None and other != self.dir and netns.list_netns():
+            raise LabError(
+                f"another lab is up in {other}; take it down first"
+                f" (`stead lab down --dir {other}` or `stead lab down --all`)"
+            )
+
+    def _teardown(self, node: NodeState) -> None:
+        cleanup.teardown_node(node.netns, node.veth, self.paths(node.name).image, [node.holder])
+        node.set_holder(None)
+        node.set_agent(None)
+
+    def _ensure_node(self, current: LabState, node: NodeState) -> None:
+        holder = node.holder
+        if (
+            holder is not None
+            and holder.alive()
+            and netns.node_network_ok(node.name, node.index, node.address)
+        ):
+            return
+        self._teardown(node)
+        paths = self.paths(node.name)
+        if not paths.image.exists():
+            _make_image(paths.image, parse_size(current.disk_size), node.name)
+        netns.create_node_network(node.name, node.index, node.address)
+        node.set_holder(self._start_holder(node, paths))
+
+    def _start_holder(self, node: NodeState, paths: NodePaths) -> procs.ProcRef:
+        failed = paths.holder_pid_file.with_suffix(".failed")
+        for stale in (paths.holder_pid_file, failed):
+            stale.unlink(missing_ok=True)
+        argv = ["ip", "netns", "exec", node.netns]
+        argv += ["unshare", "--mount", "--uts", "--propagation", "private", "--"]
+        argv += [sys.executable, "-m", procs.HOLDER_MARKER, f"--lab-dir={self.dir}"]
+        argv += [f"--node={node.name}", f"--image={paths.image}", f"--mountpoint={PROTECT}"]
+        argv += [f"--pid-file={paths.holder_pid_file}"]
+        procs.spawn_detached(argv, log_path=paths.holder_log)
+        if not procs.wait_until(
+            lambda: paths.holder_pid_file.exists() or failed.exists(), HOLDER_TIMEOUT
+        ):
+            raise LabError(f"node {node.name} did not come up; see {paths.holder_log}")
+        if failed.exists():
+            raise LabError(f"node {node.name} failed: {failed.read_text().strip()}")
+        ref = procs.ProcRef.of(int(paths.holder_pid_file.read_text()))
+        if ref is None:
+            raise LabError(f"the holder of node {node.name} died; see {paths.holder_log}")
+        return ref
+
+    # -- agents --------------------------------------------------------------------------
+
+    def _agent_argv(self, current: LabState, node: NodeState) -> list[str]:
+        paths = self.paths(node.name)
+        if not current.agent_cmd:
+            return [sys.executable, "-m", "stead", "agent", "--config-dir", str(paths.etc)]
+        words = {
+            "{python}": sys.executable,
+            "{node}": node.name,
+            "{address}": node.address,
+            "{socket}": str(paths.socket),
+            "{config_dir}": str(paths.etc),
+            "{state_dir}": str(paths.state),
+            "{dir}": str(self.dir),
+        }
+        argv = shlex.split(current.agent_cmd)
+        for key, value in words.items():
+            argv = [arg.replace(key, value) for arg in argv]
+        return argv
+
+    def _ensure_agent(self, current: LabState, node: NodeState) -> None:
+        agent = node.agent
+        if agent is not None and agent.alive():
+            return
+        paths = self.paths(node.name)
+        paths.agent_pid_file.unlink(missing_ok=True)
+        paths.socket.unlink(missing_ok=True)
+        # The shell reports its pid (which setsid made a session and group leader), then
+        # becomes the agent: the pid file names the agent's process group.
+        report = 'echo $$ > "$0.tmp" && mv "$0.tmp" "$0" && exec "$@"'
+        argv = self.command(node.name, ["sh", "-c", report, str(paths.agent_pid_file)])
+        argv += self._agent_argv(current, node)
+        with open(paths.agent_log, "ab") as out:
+            out.write(f"--- starting: {shlex.join(argv)}\n".encode())
+        procs.spawn_detached(argv, log_path=paths.agent_log, env=self.node_env(node.name))
+        if not procs.wait_until(paths.agent_pid_file.exists, HOLDER_TIMEOUT):
+            raise LabError(f"the agent of {node.name} did not start; see {paths.agent_log}")
+        ref = procs.ProcRef.of(int(paths.agent_pid_file.read_text()))
+        if ref is None:
+            raise LabError(f"the agent of {node.name} exited at once; see {paths.agent_log}")
+        node.set_agent(ref)
+
+    def _wait_ready_socket(self, node: NodeState) -> None:
+        paths = self.paths(node.name)
+
+        def ready() -> bool:
+            agent = node.agent
+            if agent is None or not agent.alive():
+                tail = _tail(paths.agent_log)
+                raise LabError(f"the agent of {node.name} exited before it was ready:\n{tail}")
+            return _socket_accepts(paths.socket)
+
+        if not procs.wait_until(ready, READY_TIMEOUT, interval=0.05):
+            raise LabError(
+                f"the agent of {node.name} did not open {paths.socket} within"
+                f" {READY_TIMEOUT:.0f} s; see {paths.agent_log}"
+            )
+
+    def start(self, name: str) -> None:
+        """Start the node's agent again (no-op if it runs)."""
+        with state.locked(self.dir):
+            current = self._state()
+            node = self._node_in(current, name)
+            holder = node.holder
+            if holder is None or not holder.alive():
+                raise LabError(f"node {name} is down; run `stead lab up` to rebuild it")
+            self._ensure_agent(current, node)
+            state.save(self.dir, current)
+        if current.wait_ready:
+            self._wait_ready_socket(node)
+
+    def stop(self, name: str, timeout: float = STOP_TIMEOUT) -> None:
+        """SIGTERM the agent's process group; SIGKILL it if it outlives ``timeout``."""
+        agent = self._node(name).agent
+        if agent is None or not procs.signal_group(agent, signal.SIGTERM):
+            return
+        procs.signal_group(agent, signal.SIGCONT)  # a frozen agent (sigstop) must see it
+        if not procs.wait_until(lambda: not procs.group_members(agent.pid), timeout):
+            log.warning("agent of %s ignored SIGTERM for %.0f s; killing it", name, timeout)
+            procs.kill_group(agent)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the agent and everything in its process group."""
+        agent = self._node(name).agent
+        if agent is not None:
+            procs.kill_group(agent)
+
+    @staticmethod
+    def _node_in(current: LabState, name: str) -> NodeState:
+        if name not in current.nodes:
+            raise LabError(f"no node {name!r} in the lab (nodes: {', '.join(current.nodes)})")
+        return current.nodes[name]
+
+    # -- commands in a node --------------------------------------------------------------
+
+    def command(self, name: str, argv: Sequence[str], *, cwd: str | None = None) -> list[str]:
+        """``argv`` prefixed so that it runs inside the node's namespaces."""
+        holder = self._node(name).holder
+        if holder is None or not holder.alive():
+            raise LabError(f"node {name} is not running; run `stead lab up`")
+        prefix = ["nsenter", "-t", str(holder.pid), "-m", "-u", "-n"]
+        if cwd is not None:
+            prefix.append(f"--wd={cwd}")
+        return [*prefix, "--", *argv]
+
+    def node_env(self, name: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Environment for commands in the node: the stead CLI finds the node's config."""
+        paths = self.paths(name)
+        env = dict(os.environ)
+        env.pop(AGENT_CMD_ENV, None)
+        bin_dir = str(Path(sys.executable).parent)
+        env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")])
+        env["STEAD_CONFIG_DIR"] = str(paths.etc)
+        env["STEAD_LAB_NODE"] = name
+        env[LAB_DIR_ENV] = str(self.dir)
+        env.update(extra or {})
+        return env
+
+    def exec(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        check: bool = False,
+        capture: bool = False,
+        input: str | None = None,
+        timeout: float | None = None,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` inside the node; stdin/stdout pass through unless ``capture``."""
+        return subprocess.run(
+            self.command(name, argv, cwd=cwd),
+            env=self.node_env(name, env),
+            capture_output=capture,
+            input=input,
+            timeout=timeout,
+            text=True,
+            check=check,
+        )
+
+    def popen(self, name: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start ``argv`` inside the node in the background (the caller waits for it)."""
+        kwargs.setdefault("env", self.node_env(name))
+        return subprocess.Popen(self.command(name, argv), **kwargs)
+
+    # -- network faults ------------------------------------------------------------------
+
+    def partition(self, name: str) -> None:
+        """Cut the node off the bridge (its host-side veth goes down)."""
+        netns.set_link(self._node(name).veth, up=False)
+
+    def heal(self, name: str | None = None) -> None:
+        """Reconnect one node, or every node."""
+        names = [name] if name else list(self._state().nodes)
+        for each in names:
+            netns.set_link(self._node(each).veth, up=True)
+
+    def netem(self, name: str, delay_ms: float = 0, loss_pct: float = 0) -> None:
+        """Delay and drop packets towards the node; ``netem(node)`` clears it."""
+        netns.set_netem(self._node(name).veth, delay_ms, loss_pct)
+
+    # -- process and disk faults ---------------------------------------------------------
+
+    def sigstop(self, name: str) -> None:
+        agent = self._node(name).agent
+        if agent is None or not procs.signal_group(agent, signal.SIGSTOP):
+            raise LabError(f"the agent of {name} is not running")
+
+    def sigcont(self, name: str) -> None:
+        agent = self._node(name).agent
+        if agent is None or not procs.signal_group(agent, signal.SIGCONT):
+            raise LabError(f"the agent of {name} is not running")
+
+    def fill_disk(self, name: str) -> None:
+        """Fill the node's file system (``/srv/lab/.stead-lab-fill``) until it is full."""
+        self.exec(name, [sys.executable, "-c", _FILL_SCRIPT, PROTECT, FILL_FILE], check=True)
+
+    def free_disk(self, name: str) -> None:
+        self.exec(name, ["rm", "-f", f"{PROTECT}/{FILL_FILE}"], check=True)
+
+    # -- status --------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        current = state.load(self.dir)
+        result: dict[str, Any] = {
+            "dir": str(self.dir),
+            "up": current is not None,
+            "bridge": netns.BRIDGE,
+            "bridge_address": netns.BRIDGE_ADDRESS,
+            "bridge_present": netns.link_exists(netns.BRIDGE),
+            "active": current.active if current else None,
+            "protect": PROTECT,
+            "nodes": {},
+        }
+        for name, node in (current.nodes if current else {}).items():
+            paths = self.paths(name)
+            holder, agent = node.holder, node.agent
+            holder_alive = holder is not None and holder.alive()
+            result["nodes"][name] = {
+                "name": name,
+                "address": node.address,
+                "netns": node.netns,
+                "veth": node.veth,
+                "holder_pid": node.holder_pid,
+                "holder_alive": holder_alive,
+                "agent_pid": node.agent_pid,
+                "agent_alive": agent is not None and agent.alive(),
+                "partitioned": netns.link_exists(node.veth) and not netns.link_is_up(node.veth),
+                "socket": str(paths.socket),
+                "fs_path": f"/proc/{node.holder_pid}/root{PROTECT}" if holder_alive else None,
+                "config_dir": str(paths.etc),
+                "state_dir": str(paths.state),
+                "agent_log": str(paths.agent_log),
+            }
+        return result
+
+
+_FILL_SCRIPT = """
+import errno, os, sys
+root, name = sys.argv[1], sys.argv[2]
+fd = os.open(os.path.join(root, name), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+st = os.statvfs(root)
+try:
+    os.posix_fallocate(fd, os.fstat(fd).st_size, max(st.f_bavail * st.f_frsize, 1))
+except OSError as exc:
+    if exc.errno != errno.ENOSPC:
+        raise
+size = 1 << 20
+while size:
+    try:
+        os.write(fd, bytes(size))
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        size //= 2
+os.fsync(fd)
+"""
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise LabError("the lab needs root (namespaces, loop devices, links)")
+
+
+def _make_image(image: Path, size: int, label: str) -> None:
+    """A sparse ext4 image with many inodes (tests make many small files)."""
+    with open(image, "wb") as out:
+        out.truncate(size)
+    lazy = "lazy_itable_init=1,lazy_journal_init=1,nodiscard"
+    label = f"stead-{label}"[:16]
+    netns.run(
+        ["mkfs.ext4", "-q", "-F", "-i", "4096", "-m", "0", "-L", label, "-E", lazy, str(image)]
+    )
+
+
+def _socket_accepts(path: Path) -> bool:
+    if not path.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

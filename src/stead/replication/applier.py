@@ -1,0 +1,639 @@
+"""The applier: journal entries become files on a passive, in order, durably, inside a root.
+
+Every path is resolved with :mod:`stead.replication.pathsafe` (directory descriptors, no
+symlink followed on the way); an entry that would touch anything outside its root is refused
+with :class:`~stead.errors.UnsafePath`, reported through ``on_refused`` and skipped, so that one
+bad entry from a peer neither escapes nor blocks the queue.
+
+Atomicity. A ``FILE`` entry's parts are written into a staging file in
+``<root>/.stead/staging`` (same file system as the root), whose name is a hash of the root key
+and path, so that parts spanning batches, and parts replayed after a crash, continue the same
+file. The part flagged ``last`` truncates it to ``size``, sets owner, mode and mtime (in that
+order: ``chown`` clears set-id bits, and anything written after the mtime would change it), and
+renames it over the target: a reader sees the old file or the new one, never a mix (Borg's
+``SaveFile``). ``SYMLINK`` and ``LINK`` are made under a temporary name in the staging
+directory and renamed into place the same way. ``DELTA`` writes in place, by design.
+
+Timing: group commit. One ``fsync`` per small file caps a disk at about 2,000 files/s, so a
+batch is applied in segments of two phases: phase 1 writes the data of every ``FILE`` part of
+the segment into staging files; one durability pass (``syncfs`` on each touched file system)
+makes all of it durable; phase 2 applies the entries in order (renames, directories, deltas,
+deletes). Before the caller is told a sequence number is applied, a second durability pass
+makes the renames and directory entries durable too. ENOSPC or any I/O error raises
+:class:`~stead.errors.ApplyError` (retryable) before that commit, and since every rename is
+atomic no half-renamed file is left.
+
+Replay. The caller stores the applied mark that ``commit(seq)`` hands it; after a crash the
+receive queue is replayed from that mark, so every entry after it may be applied twice. All
+entry kinds converge when replayed in order, except those that read *another* path's current
+state: ``RENAME`` (replaying ``[delete B, rename A->B]`` would delete the renamed data) and
+``LINK`` (replaying ``[link B->A, file A]`` would link B to the new A). Each of them is
+therefore committed on its own: ``commit`` runs immediately before it (if anything is pending)
+and immediately after it. A replayed ``RENAME`` whose source is gone is a no-op.
+
+Two more duties make the rest idempotent:
+
+* A placed file keeps a second name in staging (a hard link) until the commit that covers it,
+  so that replaying its non-first parts finds the same data. ``first=True`` unlinks the
+  staging name and starts a fresh file: it never truncates an inode that may already be live.
+* Before phase 2 of every segment the applier writes the segment's last sequence number to
+  ``<root>/.stead/applying`` (made durable by the phase-1 pass). :meth:`Applier.recover`
+  reads it back: up to that number, an entry whose path has gone (``DELTA``, ``META``,
+  ``LINK`` source, a non-directory on the way) is a replay of something a later entry already
+  undid, and is skipped instead of raising :class:`~stead.errors.OutOfSync`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import itertools
+import logging
+import os
+import shutil
+import stat
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from stead.errors import ApplyError, OutOfSync, UnsafePath
+from stead.replication.entries import Entry, Op
+from stead.replication.pathsafe import RootDir, lstat_at, open_child_dir, split_relative
+
+log = logging.getLogger(__name__)
+
+Record = tuple[int, Entry]
+CommitFn = Callable[[int], None]
+RefusedFn = Callable[[int, Entry, Exception], None]
+
+STAGING_DIR = "staging"
+INTENT_FILE = "applying"
+TMP_PREFIX = "tmp-"
+DEFAULT_FILE_MODE = 0o644
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@dataclass
+class ApplierStats:
+    files_written: int = 0  # FILE entries renamed into place
+    bytes_written: int = 0  # FILE data and DELTA blocks
+    entries_applied: int = 0
+    refused: int = 0
+    durability_passes: int = 0
+    commits: int = 0
+
+
+@dataclass
+class _Root:
+    key: str
+    dir: RootDir
+    staging_fd: int
+    intent_fd: int
+    dev: int
+
+
+class Applier:
+    """Applies entries to the local copies of the protected roots.
+
+    ``roots`` maps an entry's ``root`` (the configured protected path, the same on every node)
+    to the local directory that holds it. One applier per process, used from one thread.
+    """
+
+    def __init__(self, roots: Mapping[str, Path], staging_name: str = ".stead") -> None:
+        if "/" in staging_name or staging_name in ("", ".", ".."):
+            raise UnsafePath("staging name must be one component", path=staging_name)
+        self._paths = {key: Path(path) for key, path in roots.items()}
+        self._reserved = staging_name
+        self._roots: dict[str, _Root] = {}
+        self._syncfs = _load_syncfs()
+        self._replay_until = -1
+        self._recovered = False
+        # Staging names of placed files, by (root key, staging name) -> seq. They are unlinked
+        # once a commit covers seq; until then a replay may need their data.
+        self._finalized: dict[tuple[str, str], int] = {}
+        self._returned_seq: int | None = None  # apply() without commit: stored by the caller
+        self._dirty: set[str] = set()
+        self.stats = ApplierStats()
+
+    # -- public ----------------------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Prepare after a start: remove orphan temporary names, read the replay bound.
+
+        Staging files are kept: a multi-part ``FILE`` may be in progress, and the rest of its
+        parts will be replayed. Returns the highest sequence number whose phase 2 may have
+        started before the last stop (-1 if none); entries up to it are treated as a replay.
+        """
+        self._finalized.clear()
+        self._returned_seq = None
+        bound = -1
+        for key in self._paths:
+            root = self._root(key)
+            for name in os.listdir(root.staging_fd):
+                if name.startswith(TMP_PREFIX):
+                    os.unlink(name, dir_fd=root.staging_fd)
+            raw = os.pread(root.intent_fd, 64, 0).strip()
+            if raw.isdigit():
+                bound = max(bound, int(raw))
+        self._replay_until = bound
+        self._recovered = True
+        return bound
+
+    def apply(
+        self,
+        records: Sequence[Record],
+        commit: CommitFn | None = None,
+        on_refused: RefusedFn | None = None,
+    ) -> int:
+        """Apply ``records`` (strictly increasing seq) in order; return the last seq.
+
+        ``commit(seq)`` must make ``seq`` the durable applied mark before it returns; it is
+        called at the end and immediately before and after each ``RENAME`` and ``LINK``.
+        Without ``commit``, the caller must store the returned seq before the next call (the
+        applier then cleans up what that seq covers) and gives up replay safety for renames.
+        ``on_refused(seq, entry, exc)`` receives every refused entry; without it the
+        :class:`UnsafePath` is raised. :class:`OutOfSync` (the passive needs a check) and
+        :class:`ApplyError` (retry later) propagate, with nothing past the last commit stored.
+        An empty batch returns -1.
+        """
+        if not self._recovered:
+            self.recover()
+        if self._returned_seq is not None:
+            self._cleanup(self._returned_seq)
+            self._returned_seq = None
+        seqs = [seq for seq, _ in records]
+        if any(b <= a for a, b in itertools.pairwise(seqs)):
+            raise ValueError("records must have strictly increasing sequence numbers")
+        if not records:
+            return -1
+        pending: int | None = None
+        try:
+            for segment, alone in _segments(records):
+                if alone and pending is not None and commit is not None:
+                    self._commit(pending, commit)
+                    pending = None
+                self._apply_segment(segment, on_refused)
+                pending = segment[-1][0]
+                if alone and commit is not None:
+                    self._commit(pending, commit)
+                    pending = None
+            if pending is not None:
+                if commit is not None:
+                    self._commit(pending, commit)
+                else:
+                    self._durable(set(self._dirty))
+                    self._returned_seq = pending
+        finally:
+            for root in self._roots.values():
+                root.dir.invalidate()
+        return seqs[-1]
+
+    def apply_batch(self, records: Sequence[Record]) -> int:
+        """:meth:`apply` without a commit callback: the caller stores the returned seq."""
+        return self.apply(records)
+
+    def close(self) -> None:
+        for root in self._roots.values():
+            for fd in (root.staging_fd, root.intent_fd):
+                os.close(fd)
+            root.dir.close()
+        self._roots.clear()
+
+    # -- segments --------------------------------------------------------------------------
+
+    def _apply_segment(self, segment: list[Record], on_refused: RefusedFn | None) -> None:
+        touched = self._phase1(segment)
+        last = segment[-1][0]
+        for key in touched:
+            os.pwrite(self._roots[key].intent_fd, f"{last:>20}\n".encode(), 0)
+        if any(entry.op is Op.FILE for _, entry in segment):
+            self._durable(touched)
+        done = -1
+        try:
+            for seq, entry in segment:
+                self._apply_one(seq, entry, on_refused)
+                done = seq
+        except BaseException:
+            # What phase 2 did before the failure is on disk but not committed: retrying it
+            # is a replay. The failing entry itself had no effect and stays strict.
+            self._replay_until = max(self._replay_until, done)
+            raise
+
+    def _phase1(self, segment: list[Record]) -> set[str]:
+        """Write every FILE part's data into its staging file; return the roots touched."""
+        touched: set[str] = set()
+        created: list[tuple[int, str]] = []
+        for seq, entry in segment:
+            try:
+                root = self._check(entry)
+            except UnsafePath:
+                continue  # refused, in order, by phase 2
+            touched.add(root.key)
+            if entry.op is not Op.FILE:
+                continue
+            name = _staging_name(entry)
+            try:
+                if entry.first:
+                    _unlink_quiet(name, root.staging_fd)
+                    self._finalized.pop((root.key, name), None)
+                    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+                    fd = os.open(name, flags, 0o600, dir_fd=root.staging_fd)
+                    created.append((root.staging_fd, name))
+                else:
+                    try:
+                        fd = os.open(name, os.O_WRONLY | os.O_CLOEXEC, dir_fd=root.staging_fd)
+                    except FileNotFoundError:
+                        continue  # phase 2 reports it in order
+                try:
+                    _pwrite_all(fd, entry.data, entry.offset)
+                    if self._syncfs is None:
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                # Free what this segment took: a retry replays it from the last commit.
+                for dir_fd, staged in created:
+                    _unlink_quiet(staged, dir_fd)
+                raise _apply_error(seq, entry, exc) from exc
+            self.stats.bytes_written += len(entry.data)
+        self._dirty |= touched
+        return touched
+
+    def _commit(self, seq: int, commit: CommitFn) -> None:
+        self._durable(set(self._dirty))
+        commit(seq)
+        self.stats.commits += 1
+        self._cleanup(seq)
+
+    def _cleanup(self, committed: int) -> None:
+        if committed >= self._replay_until:
+            self._replay_until = -1
+        for (key, name), seq in list(self._finalized.items()):
+            if seq <= committed:
+                del self._finalized[(key, name)]
+                _unlink_quiet(name, self._roots[key].staging_fd)
+
+    def _durable(self, keys: set[str]) -> None:
+        """One durability pass: ``syncfs`` once per file system among ``keys``."""
+        if not keys:
+            return
+        seen: set[int] = set()
+        try:
+            if self._syncfs is None:
+                os.sync()
+            else:
+                for key in sorted(keys):
+                    root = self._roots[key]
+                    if root.dev in seen:
+                        continue
+                    seen.add(root.dev)
+                    if self._syncfs(root.dir.fd) != 0:
+                        code = ctypes.get_errno()
+                        raise OSError(code, os.strerror(code))
+        except OSError as exc:
+            raise ApplyError(f"durability pass failed: {exc}", seq="(batch)") from exc
+        self._dirty -= keys
+        self.stats.durability_passes += 1
+
+    # -- one entry -------------------------------------------------------------------------
+
+    def _apply_one(self, seq: int, entry: Entry, on_refused: RefusedFn | None) -> None:
+        try:
+            root = self._check(entry)
+            root.dir.trim()
+            handler = self._handlers[entry.op]
+            handler(self, seq, entry, root)
+        except UnsafePath as exc:
+            self.stats.refused += 1
+            log.warning("refused entry %d (%s in %r): %s", seq, entry.op, entry.root, exc)
+            if entry.op is Op.FILE and entry.last and entry.root in self._roots:
+                _unlink_quiet(_staging_name(entry), self._roots[entry.root].staging_fd)
+            if on_refused is None:
+                raise
+            on_refused(seq, entry, exc)
+            return
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            self._missing(seq, entry, str(exc))
+        except OutOfSync:
+            raise
+        except OSError as exc:
+            raise _apply_error(seq, entry, exc) from exc
+        self.stats.entries_applied += 1
+
+    def _check(self, entry: Entry) -> _Root:
+        """Refuse an entry whose root is unknown or whose paths are unsafe or reserved."""
+        if entry.root not in self._paths:
+            raise UnsafePath(f"root {entry.root!r} is not protected here", path=entry.path)
+        paths = [entry.path]
+        if entry.op in (Op.RENAME, Op.LINK):
+            paths.append(entry.target)
+        for path in paths:
+            if split_relative(path)[0] == self._reserved:
+                raise UnsafePath(f"{self._reserved!r} is reserved for Stead", path=path)
+        return self._root(entry.root)
+
+    def _missing(self, seq: int, entry: Entry, why: str) -> None:
+        if seq <= self._replay_until:
+            log.info("replay: skipping entry %d (%s %r): %s", seq, entry.op, entry.path, why)
+            return
+        raise OutOfSync(f"entry {seq} ({entry.op} {entry.path!r} in {entry.root!r}): {why}")
+
+    def _file(self, seq: int, entry: Entry, root: _Root) -> None:
+        if not entry.last:
+            if not _exists(entry, root):
+                raise OutOfSync(f"entry {seq}: no staging file for part of {entry.path!r}")
+            return
+        name = _staging_name(entry)
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=root.staging_fd)
+        except FileNotFoundError:
+            # Never replay-tolerant: without the earlier parts the file would be wrong.
+            raise OutOfSync(f"entry {seq}: no staging file for {entry.path!r}") from None
+        try:
+            os.ftruncate(fd, entry.size)  # only shortens or extends: holes stay holes
+            _set_meta_fd(fd, entry, DEFAULT_FILE_MODE)
+            staged = os.fstat(fd)
+        finally:
+            os.close(fd)
+        parent_fd, final = root.dir.open_parent(entry.path, create_missing=True)
+        current = lstat_at(parent_fd, final)
+        if current is not None and os.path.samestat(current, staged):
+            pass  # a replay: this very file is already in place
+        else:
+            self._clear_dir(root, parent_fd, final, entry.path, current)
+            tmp = _tmp_name()
+            os.link(name, tmp, src_dir_fd=root.staging_fd, dst_dir_fd=root.staging_fd)
+            os.rename(tmp, final, src_dir_fd=root.staging_fd, dst_dir_fd=parent_fd)
+        self._finalized[(root.key, name)] = seq
+        self.stats.files_written += 1
+
+    def _delta(self, seq: int, entry: Entry, root: _Root) -> None:
+        parent_fd, name = root.dir.open_parent(entry.path)
+        flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(name, flags, dir_fd=parent_fd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                return self._missing(seq, entry, "not a regular file here")
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return self._missing(seq, entry, "not a regular file here")
+            for offset, block in entry.blocks:
+                _pwrite_all(fd, block, offset)
+                self.stats.bytes_written += len(block)
+            os.ftruncate(fd, entry.size)
+            _set_meta_fd(fd, entry, None)
+        finally:
+            os.close(fd)
+        self._dirty.add(root.key)
+
+    def _mkdir(self, seq: int, entry: Entry, root: _Root) -> None:
+        parent_fd, name = root.dir.open_parent(entry.path, create_missing=True)
+        current = lstat_at(parent_fd, name)
+        if current is not None and not stat.S_ISDIR(current.st_mode):
+            os.unlink(name, dir_fd=parent_fd)  # the active says it is a directory now
+            current = None
+        if current is None:
+            os.mkdir(name, 0o700, dir_fd=parent_fd)  # opened up below, once owned right
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+        try:
+            _set_meta_fd(fd, entry, 0o755 if current is None else None)
+        finally:
+            os.close(fd)
+
+    def _symlink(self, seq: int, entry: Entry, root: _Root) -> None:
+        if not entry.target or "\x00" in entry.target:
+            raise UnsafePath("symlink target is empty or holds NUL", path=entry.path)
+        parent_fd, name = root.dir.open_parent(entry.path, create_missing=True)
+        current = lstat_at(parent_fd, name)
+        if (
+            current is not None
+            and stat.S_ISLNK(current.st_mode)
+            and os.readlink(name, dir_fd=parent_fd) == entry.target
+        ):
+            _set_link_meta(name, parent_fd, entry)
+            return
+        tmp = _tmp_name()
+        os.symlink(entry.target, tmp, dir_fd=root.staging_fd)
+        _set_link_meta(tmp, root.staging_fd, entry)
+        self._clear_dir(root, parent_fd, name, entry.path, current)
+        os.rename(tmp, name, src_dir_fd=root.staging_fd, dst_dir_fd=parent_fd)
+
+    def _link(self, seq: int, entry: Entry, root: _Root) -> None:
+        src_fd, src_name = root.dir.open_parent(entry.target)
+        source = lstat_at(src_fd, src_name)
+        if source is None:
+            return self._missing(seq, entry, f"link source {entry.target!r} is missing")
+        if stat.S_ISDIR(source.st_mode):
+            raise OutOfSync(f"entry {seq}: link source {entry.target!r} is a directory")
+        parent_fd, name = root.dir.open_parent(entry.path, create_missing=True)
+        current = lstat_at(parent_fd, name)
+        if current is not None and os.path.samestat(current, source):
+            return
+        tmp = _tmp_name()
+        os.link(src_name, tmp, src_dir_fd=src_fd, dst_dir_fd=root.staging_fd, follow_symlinks=False)
+        self._clear_dir(root, parent_fd, name, entry.path, current)
+        os.rename(tmp, name, src_dir_fd=root.staging_fd, dst_dir_fd=parent_fd)
+
+    def _delete(self, seq: int, entry: Entry, root: _Root) -> None:
+        try:
+            parent_fd, name = root.dir.open_parent(entry.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return  # already gone: deleting is idempotent
+        current = lstat_at(parent_fd, name)
+        if current is None:
+            return
+        if not self._clear_dir(root, parent_fd, name, entry.path, current):
+            _unlink_quiet(name, parent_fd)
+
+    def _rename(self, seq: int, entry: Entry, root: _Root) -> None:
+        try:
+            src_fd, src_name = root.dir.open_parent(entry.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return  # source gone: a replay, or a later entry will re-send it
+        source = lstat_at(src_fd, src_name)
+        if source is None:
+            return
+        if entry.path.startswith(entry.target + "/") or entry.target.startswith(entry.path + "/"):
+            raise OutOfSync(f"entry {seq}: cannot rename {entry.path!r} to {entry.target!r}")
+        dst_fd, dst_name = root.dir.open_parent(entry.target, create_missing=True)
+        current = lstat_at(dst_fd, dst_name)
+        if current is not None and not os.path.samestat(current, source):
+            if stat.S_ISDIR(current.st_mode):
+                self._clear_dir(root, dst_fd, dst_name, entry.target, current)
+            elif stat.S_ISDIR(source.st_mode):
+                os.unlink(dst_name, dir_fd=dst_fd)
+        os.rename(src_name, dst_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+        if stat.S_ISDIR(source.st_mode):
+            root.dir.invalidate(under=entry.path)
+            root.dir.invalidate(under=entry.target)
+
+    def _meta(self, seq: int, entry: Entry, root: _Root) -> None:
+        parent_fd, name = root.dir.open_parent(entry.path)
+        current = lstat_at(parent_fd, name)
+        if current is None:
+            return self._missing(seq, entry, "path is missing")
+        if stat.S_ISLNK(current.st_mode):
+            _set_link_meta(name, parent_fd, entry)
+            return
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(name, flags, dir_fd=parent_fd)
+        try:
+            _set_meta_fd(fd, entry, None)
+        finally:
+            os.close(fd)
+
+    _handlers: ClassVar[dict[Op, Callable[[Applier, int, Entry, _Root], None]]] = {
+        Op.FILE: _file,
+        Op.DELTA: _delta,
+        Op.MKDIR: _mkdir,
+        Op.SYMLINK: _symlink,
+        Op.LINK: _link,
+        Op.DELETE: _delete,
+        Op.RENAME: _rename,
+        Op.META: _meta,
+    }
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _clear_dir(
+        self, root: _Root, parent_fd: int, name: str, relpath: str, current: os.stat_result | None
+    ) -> bool:
+        """Remove the directory tree at ``name`` if there is one; never follow a symlink."""
+        if current is None or not stat.S_ISDIR(current.st_mode):
+            return False
+        # rmtree with dir_fd walks by descriptors and checks each directory it enters is the
+        # one it examined, so a symlink planted inside the tree is unlinked, not followed.
+        shutil.rmtree(name, dir_fd=parent_fd)
+        root.dir.invalidate(under=relpath)
+        return True
+
+    def _root(self, key: str) -> _Root:
+        root = self._roots.get(key)
+        if root is not None:
+            return root
+        rootdir = RootDir(self._paths[key])
+        try:
+            stead_fd = open_child_dir(rootdir.fd, self._reserved, self._reserved, True)
+            try:
+                os.fchmod(stead_fd, 0o700)
+                staging_fd = open_child_dir(stead_fd, STAGING_DIR, self._reserved, True)
+                intent_fd = os.open(
+                    INTENT_FILE,
+                    os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                    dir_fd=stead_fd,
+                )
+            finally:
+                os.close(stead_fd)
+        except BaseException:
+            rootdir.close()
+            raise
+        root = _Root(key, rootdir, staging_fd, intent_fd, os.fstat(rootdir.fd).st_dev)
+        self._roots[key] = root
+        return root
+
+
+def _segments(records: Sequence[Record]) -> Iterator[tuple[list[Record], bool]]:
+    """Split a batch: each RENAME and LINK alone (``True``), and no staging file reused.
+
+    A staging file whose ``last`` part is in a segment cannot take a new ``first`` part in the
+    same segment, because phase 1 would overwrite it before phase 2 renames it into place.
+    """
+    current: list[Record] = []
+    finished: set[tuple[str, str]] = set()
+    for seq, entry in records:
+        if entry.op in (Op.RENAME, Op.LINK):
+            if current:
+                yield current, False
+            current, finished = [], set()
+            yield [(seq, entry)], True
+            continue
+        if entry.op is Op.FILE:
+            key = (entry.root, entry.path)
+            if key in finished:
+                yield current, False
+                current, finished = [], set()
+            if entry.last:
+                finished.add(key)
+        current.append((seq, entry))
+    if current:
+        yield current, False
+
+
+def _staging_name(entry: Entry) -> str:
+    raw = entry.root.encode("utf-8", "surrogateescape") + b"\0"
+    raw += entry.path.encode("utf-8", "surrogateescape")
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _exists(entry: Entry, root: _Root) -> bool:
+    return lstat_at(root.staging_fd, _staging_name(entry)) is not None
+
+
+def _tmp_name() -> str:
+    return TMP_PREFIX + os.urandom(12).hex()
+
+
+def _unlink_quiet(name: str, dir_fd: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    for _attempt in range(len(view) + 1):  # bounded: each round writes at least one byte
+        if not view:
+            return
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+    raise OSError(errno.EIO, "short writes did not progress")
+
+
+def _set_meta_fd(fd: int, entry: Entry, default_mode: int | None) -> None:
+    """Owner, then mode (chown clears set-id bits), then mtime (last: anything changes it)."""
+    if entry.uid is not None or entry.gid is not None:
+        os.fchown(fd, _id(entry.uid), _id(entry.gid))
+    mode = entry.mode if entry.mode is not None else default_mode
+    if mode is not None:
+        os.fchmod(fd, mode)
+    if entry.mtime_ns is not None:
+        os.utime(fd, ns=(time.time_ns(), entry.mtime_ns))
+
+
+def _set_link_meta(name: str, dir_fd: int, entry: Entry) -> None:
+    """Owner and mtime of a symlink itself; Linux has no mode on symlinks, so none is set."""
+    if entry.uid is not None or entry.gid is not None:
+        os.chown(name, _id(entry.uid), _id(entry.gid), dir_fd=dir_fd, follow_symlinks=False)
+    if entry.mtime_ns is not None:
+        times = (time.time_ns(), entry.mtime_ns)
+        os.utime(name, ns=times, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def _id(value: int | None) -> int:
+    return -1 if value is None else value
+
+
+def _apply_error(seq: int, entry: Entry, exc: OSError) -> ApplyError:
+    if exc.errno in _NO_SPACE:
+        return ApplyError(f"no space left for {entry.path!r}: {exc}", seq=seq)
+    return ApplyError(f"{entry.op} {entry.path!r} in {entry.root!r}: {exc}", seq=seq)
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    """``syncfs(2)`` from libc: one flush per file system instead of one per file."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        syncfs = libc.syncfs
+    except (OSError, AttributeError):
+        log.warning("syncfs is not available: falling back to fsync and sync")
+        return None
+    syncfs.argtypes = [ctypes.c_int]
+    syncfs.restype = ctypes.c_int
+    return syncfs

@@ -1,0 +1,272 @@
+"""The active's sender: one per passive, streaming the journal over the channel.
+
+Timing duties: every network await sits under a timeout derived from ``peer_timeout``; a
+lost connection is retried with backoff forever; nothing here blocks the event loop (journal
+reads run in a thread). Ordering duty: records go out strictly in sequence order from the
+passive's persisted sequence + 1, so a reconnect resends exactly what the passive lacks and
+the passive's queue drops any duplicate. A passive that needs records the journal no longer
+holds (beyond the bound, or a history the active does not know) is reset to the journal head
+and marked out of sync until a full system check has repaired it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import ssl
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from stead.aio import first_cause
+from stead.channel import messages as m
+from stead.channel.transport import Backoff, Connection, connect
+from stead.config.schema import ClusterConfig, NodeSection
+from stead.errors import ChannelError, ProtocolError, SteadError
+from stead.replication.journal import Journal
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PeerState:
+    """What the active knows of one passive; the status table shows it."""
+
+    name: str
+    connected: bool = False
+    address: str = ""
+    received: int = 0
+    persisted: int = 0
+    applied: int = 0
+    epoch: int = 0
+    needs_check: str | None = None  # "fast" or "full" while the passive may differ
+    checking: bool = False
+    last_ack: float = 0.0
+    last_heartbeat: float = 0.0
+    bytes_sent: int = 0
+    error: str = ""
+    applied_changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def state(self, head: int) -> str:
+        if not self.connected:
+            return "disconnected"
+        if self.needs_check or self.checking:
+            return "out of sync"
+        return "in sync" if self.applied >= head else "syncing"
+
+
+class Sender:
+    def __init__(
+        self,
+        *,
+        me: str,
+        peer: NodeSection,
+        cluster: ClusterConfig,
+        journal: Journal,
+        ssl_context: ssl.SSLContext,
+        epoch: Callable[[], int],
+        on_connected: Callable[[PeerState], Coroutine[Any, Any, None]],
+    ) -> None:
+        self.me = me
+        self.peer = peer
+        self.cluster = cluster
+        self.journal = journal
+        self.ssl_context = ssl_context
+        self.epoch = epoch
+        self.on_connected = on_connected
+        self.state = PeerState(peer.name)
+        self._conn: Connection | None = None
+        self._pending: dict[int, asyncio.Future[m.Reply]] = {}
+        self._ids = itertools.count(1)
+
+    async def run(self) -> None:
+        """Keep a session with the passive open, forever."""
+        backoff = Backoff(initial=0.1, maximum=3.0)
+        addresses = itertools.cycle(self.peer.addresses)
+        while True:
+            address = next(addresses)
+            try:
+                await self._session(address, backoff)
+            except (SteadError, OSError, TimeoutError, ssl.SSLError) as exc:
+                if self.state.connected or self.state.error != str(exc):
+                    log.info("channel to %s (%s) lost: %s", self.peer.name, address, exc)
+                self.state.error = str(exc) or type(exc).__name__
+            finally:
+                self.state.connected = False
+                self._conn = None
+                for future in self._pending.values():
+                    if not future.done():
+                        future.set_exception(ChannelError(f"channel to {self.peer.name} lost"))
+                self._pending.clear()
+            await asyncio.sleep(backoff.next_delay())
+
+    async def _session(self, address: str, backoff: Backoff) -> None:
+        channel = self.cluster.channel
+        conn = await connect(
+            address,
+            channel.port,
+            self.ssl_context,
+            expected_peer=self.peer.name,
+            timeout=channel.connect_timeout,
+            max_frame=channel.max_frame,
+            compression=channel.compression,
+        )
+        try:
+            await conn.send(self._hello())
+            hello = await conn.recv(timeout=channel.peer_timeout)
+            if not isinstance(hello, m.Hello):
+                raise ProtocolError(f"expected hello, got {type(hello).__name__}")
+            if hello.cluster_id != self.cluster.cluster.id:
+                raise ProtocolError(f"{self.peer.name} belongs to another cluster")
+            self._conn = conn
+            state = self.state
+            state.address, state.epoch = address, hello.epoch
+            state.received = state.persisted = hello.persisted_seq
+            state.applied = hello.applied_seq
+            state.connected, state.error = True, ""
+            state.last_ack = time.monotonic()
+            backoff.reset()
+            log.info(
+                "channel to %s (%s) up: persisted %d, applied %d, journal %d..%d",
+                self.peer.name,
+                address,
+                hello.persisted_seq,
+                hello.applied_seq,
+                self.journal.first,
+                self.journal.head,
+            )
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    tasks.create_task(self._read_loop(conn))
+                    if hello.persisted_seq > self.journal.head or (
+                        hello.persisted_seq + 1 < self.journal.first
+                    ):
+                        await self._reset_passive()
+                    tasks.create_task(self._pump(conn))
+                    tasks.create_task(self._heartbeats(conn))
+                    tasks.create_task(self.on_connected(state))
+            except BaseExceptionGroup as group:
+                raise first_cause(group) from None
+        finally:
+            await conn.close()
+
+    async def _reset_passive(self) -> None:
+        """The passive cannot continue from its queue: start it at our head, then check."""
+        head = self.journal.head
+        log.warning(
+            "%s persisted %d but the journal holds %d..%d: reset to %d, full check due",
+            self.peer.name,
+            self.state.persisted,
+            self.journal.first,
+            head,
+            head,
+        )
+        await self.request("reset", {"base": head})
+        self.state.received = self.state.persisted = self.state.applied = head
+        self.state.needs_check = "full"
+
+    def _hello(self) -> m.Hello:
+        return m.Hello(
+            protocol=m.PROTOCOL_VERSION,
+            cluster_id=self.cluster.cluster.id,
+            node=self.me,
+            epoch=self.epoch(),
+            role="active",
+            applied_seq=self.journal.head,
+            persisted_seq=self.journal.head,
+            journal_head=self.journal.head,
+        )
+
+    async def _pump(self, conn: Connection) -> None:
+        """Send journal records from where the passive stands, as they arrive."""
+        position = self.state.persisted + 1
+        batch_bytes = self.cluster.replication.batch_bytes
+        while True:
+            if position > self.journal.head:
+                with contextlib.suppress(TimeoutError):
+                    await self.journal.wait_beyond(position - 1, timeout=1.0)
+                continue
+            if position < self.journal.first:
+                # The bound dropped records this passive still needed while it was connected.
+                await self._reset_passive()
+                position = self.state.persisted + 1
+                continue
+            records = await asyncio.to_thread(self.journal.read_from, position, batch_bytes)
+            if not records:
+                continue
+            await conn.send(m.Records(epoch=self.epoch(), records=records))
+            self.state.bytes_sent += sum(len(payload) for _, payload in records)
+            position = records[-1][0] + 1
+
+    async def _heartbeats(self, conn: Connection) -> None:
+        interval = self.cluster.channel.heartbeat
+        while True:
+            await conn.send(
+                m.Heartbeat(
+                    epoch=self.epoch(),
+                    role="active",
+                    sent_at=time.time(),
+                    journal_head=self.journal.head,
+                    applied_seq=self.journal.head,
+                )
+            )
+            await asyncio.sleep(interval)
+
+    async def _read_loop(self, conn: Connection) -> None:
+        timeout = self.cluster.channel.peer_timeout
+        while True:
+            message = await conn.recv(timeout=timeout)
+            now = time.monotonic()
+            if isinstance(message, m.Ack):
+                state = self.state
+                state.received = max(state.received, message.received)
+                state.persisted = max(state.persisted, message.persisted)
+                if message.applied > state.applied:
+                    state.applied = message.applied
+                    state.applied_changed.set()
+                    state.applied_changed = asyncio.Event()
+                state.last_ack = now
+            elif isinstance(message, m.Heartbeat):
+                self.state.last_heartbeat = now
+            elif isinstance(message, m.Reply):
+                future = self._pending.pop(message.id, None)
+                if future is not None and not future.done():
+                    future.set_result(message)
+            elif isinstance(message, m.Error):
+                raise ChannelError(f"{self.peer.name} says {message.code}: {message.message}")
+            else:
+                raise ProtocolError(f"unexpected {type(message).__name__} from a passive")
+
+    async def request(self, kind: str, body: dict[str, Any], timeout: float = 60.0) -> m.Reply:
+        """Ask the passive something over the open channel and wait for its reply."""
+        conn = self._conn
+        if conn is None:
+            raise ChannelError(f"{self.peer.name} is not connected")
+        request_id = next(self._ids)
+        future: asyncio.Future[m.Reply] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            await conn.send(m.Request(id=request_id, kind=kind, body=body))
+            async with asyncio.timeout(timeout):
+                reply = await future
+        finally:
+            self._pending.pop(request_id, None)
+        if not reply.ok:
+            raise ChannelError(f"{self.peer.name} refused {kind}: {reply.error}")
+        return reply
+
+    async def wait_applied(self, seq: int, timeout: float) -> bool:
+        """True once the passive has applied ``seq``; False on timeout or disconnection."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while self.state.applied < seq:
+                    if not self.state.connected:
+                        return False
+                    event = self.state.applied_changed
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(0.5):
+                            await event.wait()
+        return self.state.applied >= seq
