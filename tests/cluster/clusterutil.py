@@ -101,3 +101,16 @@ def check_json(lab: Lab, *args: str) -> dict[str, Any]:
 
 def agent_log(lab: Lab, node: str) -> str:
     return Path(lab.paths(node).agent_log).read_text(errors="replace")[-4000:]
+
+
+def set_cluster_option(lab: Lab, old: str, new: str) -> None:
+    """Edit cluster.toml on every node and restart every agent (the file must stay equal)."""
+    for node in lab.nodes:
+        path = Path(lab.paths(node).etc) / "cluster.toml"
+        text = path.read_text()
+        assert old in text, f"{old!r} not in {path}"
+        path.write_text(text.replace(old, new, 1))
+    for node in lab.nodes:
+        lab.stop(node)
+    for node in lab.nodes:
+        lab.start(node)

@@ -13,6 +13,7 @@ from clusterutil import (
     check_json,
     peers,
     py,
+    set_cluster_option,
     sh,
     status,
     stead,
@@ -21,6 +22,7 @@ from clusterutil import (
     wait_until,
 )
 
+from stead.cli.client import AgentClient
 from stead.lab import Lab
 
 pytestmark = [pytest.mark.root, pytest.mark.cluster]
@@ -266,3 +268,27 @@ def test_foreign_certificate_is_refused(lab: Any, tmp_path: Any) -> None:
     sh(built, "primary", "echo after > /srv/lab/after")
     wait_sync(built)
     assert_converged(built)
+
+
+def test_passive_beyond_the_journal_bound_is_reset_and_checked(lab: Any) -> None:
+    built: Lab = lab(2)
+    set_cluster_option(built, 'journal_max = "10GiB"', 'journal_max = "64MiB"')
+    wait_connected(built)
+    sh(built, "primary", "echo before > /srv/lab/before")
+    wait_sync(built)
+    built.stop("secondary")
+    sh(
+        built,
+        "primary",
+        "for i in $(seq 1 30); do head -c 4000000 /dev/urandom > /srv/lab/bulk$i; done",
+    )
+    wait_sync(built)  # capture drained; the stopped passive does not count
+    journal = status(built)["journal"]
+    assert journal["first"] > 2, f"the bound dropped nothing: {journal}"
+    built.start("secondary")
+    wait_connected(built)
+    wait_until(lambda: peers(built)["secondary"]["state"] == "in sync", 120, "reset and full check")
+    wait_sync(built)
+    assert_converged(built)
+    events = AgentClient(built.socket_path("primary")).call("GET", "/v1/events?limit=100")
+    assert any(e["kind"] == "check" for e in events), events

@@ -143,7 +143,10 @@ class Agent:
     async def _start_active(self, tasks: asyncio.TaskGroup) -> None:
         replication = self.cluster.replication
         self.journal = Journal(
-            self.state_dir / "journal", max_bytes=replication.journal_max, fsync=replication.fsync
+            self.state_dir / "journal",
+            max_bytes=replication.journal_max,
+            fsync=replication.fsync,
+            segment_bytes=segment_bytes(replication.journal_max),
         )
         self.manifest = Manifest(self.state_dir / "manifest.db", replication.block_size)
         self.capture = InotifyCapture(self.roots, self.filters, self.manifest)
@@ -233,8 +236,13 @@ class Agent:
 
     async def _start_passive(self, tasks: asyncio.TaskGroup) -> None:
         replication = self.cluster.replication
+        # The receive queue never drops what it acknowledged: past its bound the receiver
+        # stops reading (backpressure), and the active's journal bound takes over.
         queue = ReceiveQueue(
-            self.state_dir / "queue", max_bytes=replication.journal_max, fsync=replication.fsync
+            self.state_dir / "queue",
+            max_bytes=UNBOUNDED,
+            fsync=replication.fsync,
+            segment_bytes=segment_bytes(replication.journal_max),
         )
         applier = Applier(self.roots)
         applier.recover()
@@ -368,6 +376,14 @@ class Agent:
             "capture": dataclasses.asdict(self.capture.stats) if self.capture else {},
             "nodes": nodes,
         }
+
+
+UNBOUNDED = 1 << 62
+
+
+def segment_bytes(bound: int) -> int:
+    """Segments small enough that the bound drops and trims in steps of an eighth."""
+    return max(4 * 1024**2, min(64 * 1024**2, bound // 8))
 
 
 class _Stopping(Exception):

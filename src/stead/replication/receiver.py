@@ -29,6 +29,7 @@ from stead.store.db import StateStore
 log = logging.getLogger(__name__)
 
 APPLIED_KEY = "applied_seq"
+TRIM_EVERY = 1000  # applied records between attempts to drop applied queue segments
 RequestHandler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
@@ -75,6 +76,8 @@ class Receiver:
             try:
                 await asyncio.to_thread(self._apply_some)
                 self.apply_error = ""
+                if self.queue.first <= self.applied - TRIM_EVERY:
+                    await asyncio.to_thread(self.queue.discard_through, self.applied)
             except (ApplyError, OutOfSync, OSError) as exc:
                 if str(exc) != self.apply_error:
                     log.error("apply stalled at %d: %s", self.applied + 1, exc)
@@ -158,6 +161,7 @@ class Receiver:
             message = await conn.recv(timeout=timeout)
             self.last_heartbeat = time.monotonic()
             if isinstance(message, m.Records):
+                await self._room_for_more()
                 await asyncio.to_thread(self._persist, message.records)
                 self._queued.set()
                 self._progress.set()
@@ -171,6 +175,19 @@ class Receiver:
                 return
             else:
                 raise ProtocolError(f"unexpected {type(message).__name__} from the active")
+
+    async def _room_for_more(self) -> None:
+        """Backpressure: past the bound, stop reading until the applier catches up.
+
+        The active keeps hearing our acks (the ack loop runs on), so the channel stays up;
+        its sender blocks on the full socket, and its journal bound decides what follows.
+        """
+        bound = self.cluster.replication.journal_max
+        while self.queue.total_bytes > bound and self.queue.head > self.applied:
+            self._progress.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._progress.wait()
 
     def _persist(self, records: list[tuple[int, bytes]]) -> None:
         self.queue.append(records)
