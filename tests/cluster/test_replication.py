@@ -292,3 +292,30 @@ def test_passive_beyond_the_journal_bound_is_reset_and_checked(lab: Any) -> None
     assert_converged(built)
     events = AgentClient(built.socket_path("primary")).call("GET", "/v1/events?limit=100")
     assert any(e["kind"] == "check" for e in events), events
+
+
+def test_passive_missing_a_file_asks_for_a_check(lab: Any) -> None:
+    """A DELTA for a file someone deleted on the passive: skipped, reported, repaired."""
+    built: Lab = lab(2)
+    wait_connected(built)
+    sh(built, "primary", "head -c 2000000 /dev/urandom > /srv/lab/big && echo a > /srv/lab/a")
+    wait_sync(built)
+    sh(built, "secondary", "rm /srv/lab/big")
+    sh(
+        built,
+        "primary",
+        "printf Z | dd of=/srv/lab/big bs=1 seek=1000 conv=notrunc status=none; "
+        "echo b > /srv/lab/b",
+    )
+    wait_until(
+        lambda: (
+            status(built, "secondary")["nodes"][0]["out_of_sync"] is False
+            and peers(built)["secondary"]["state"] == "in sync"
+        ),
+        120,
+        "the check the passive asked for",
+    )
+    wait_sync(built)
+    assert_converged(built)
+    events = AgentClient(built.socket_path("secondary")).call("GET", "/v1/events?limit=100")
+    assert any(e["kind"] == "out-of-sync" for e in events), events

@@ -31,7 +31,7 @@ class StubAgent:
     def status(self) -> dict[str, Any]:
         return {"node": "primary", "role": "active"}
 
-    async def wait_sync(self, timeout: float) -> dict[str, Any]:
+    async def wait_sync(self, timeout: float, *, require_all: bool = False) -> dict[str, Any]:
         self.calls.append(("wait_sync", timeout))
         if timeout < 0.5:
             raise TimeoutExpired("secondary applied 1 of 2")
@@ -79,6 +79,9 @@ async def test_status_and_socket_mode(api: tuple[StubAgent, Path]) -> None:
         ("/v1/wait-sync", {"json": {"timeout": -1}}, 400, "positive"),
         ("/v1/wait-sync", {"json": {"timeout": "soon"}}, 400, "positive"),
         ("/v1/wait-sync", {"json": {"timeout": True}}, 400, "positive"),
+        ("/v1/wait-sync", {"data": b'{"timeout": NaN}'}, 400, "positive"),
+        ("/v1/wait-sync", {"data": b'{"timeout": Infinity}'}, 400, "positive"),
+        ("/v1/wait-sync", {"json": {"all": "yes"}}, 400, "true or false"),
         ("/v1/wait-sync", {"json": {"timeout": 0.1}}, 504, "applied 1 of 2"),
         ("/v1/check", {"json": {"node": 7}}, 400, "node name"),
         ("/v1/check", {"json": {"fast": "yes"}}, 400, "true or false"),
@@ -94,6 +97,14 @@ async def test_bad_requests_get_clear_errors(
     assert text in body["error"]
     if code == 400 and "ghost" not in text:
         assert agent.calls == []
+
+
+async def test_events_limit_is_checked(api: tuple[StubAgent, Path]) -> None:
+    _, path = api
+    for bad in ("abc", "-1", "0", "100000"):
+        status, body = await _call(path, "GET", f"/v1/events?limit={bad}")
+        assert status == 400, bad
+        assert "limit" in body["error"]
 
 
 async def test_jobs(api: tuple[StubAgent, Path]) -> None:

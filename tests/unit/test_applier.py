@@ -43,6 +43,7 @@ class Node:
         self.commits: list[int] = []
         self.refused: list[tuple[int, Entry, Exception]] = []
         self.seq = 0
+        self.raise_out_of_sync = True  # most tests look at the OutOfSync itself
 
     def records(self, entries: tuple[Entry, ...]) -> list[tuple[int, Entry]]:
         out = []
@@ -58,6 +59,8 @@ class Node:
         return self.applier.apply(records, commit=self.commits.append, on_refused=self._refused)
 
     def _refused(self, seq: int, entry: Entry, exc: Exception) -> None:
+        if isinstance(exc, OutOfSync) and self.raise_out_of_sync:
+            raise exc
         self.refused.append((seq, entry, exc))
 
     def restart(self) -> None:
@@ -428,3 +431,17 @@ def test_disk_full_raises_retryable_without_commit(tiny_fs: Path) -> None:
         assert (node.path / "keep").read_bytes() == b"new content"
     finally:
         node.applier.close()
+
+
+def test_out_of_sync_entry_is_skipped_and_reported_and_the_queue_moves_on(node: Node) -> None:
+    """A passive that drifted must not hold every later entry (and the repairs) behind one."""
+    node.raise_out_of_sync = False
+    last = node.run(
+        Entry(Op.DELTA, ROOT, "gone", blocks=((0, b"x"),), size=1),
+        Entry(Op.FILE, ROOT, "after", data=b"later entries still apply", size=25),
+    )
+    assert last == 2
+    assert [(seq, type(exc)) for seq, _, exc in node.refused] == [(1, OutOfSync)]
+    assert (node.path / "after").read_bytes() == b"later entries still apply"
+    assert not (node.path / "gone").exists()
+    assert node.commits[-1] == 2

@@ -537,3 +537,20 @@ async def test_stalled_frame_breaks_the_connection(
     error = await _server_recv_error(pki_dir, start_server, frame[:-5], io_timeout=0.05)
     assert isinstance(error, ChannelError)
     assert "unfinished" in str(error)
+
+
+def test_auto_compression_stays_out_of_the_way_on_fast_links() -> None:
+    from stead.channel.framing import Compression
+
+    text = b"compressible " * 10_000
+    slow = Compression("auto")
+    slow.observe_send(4 * 1024**2, 1.0)  # 4 MiB/s: a WAN
+    assert slow.apply(text)[0] != 0
+    fast = Compression("auto")
+    fast.observe_send(4 * 1024**2, 0.002)  # 2 GB/s: namespaces on one host
+    assert fast.apply(text) == (0, text)
+    fast.observe_send(100, 10.0)  # small frames say nothing about the link
+    assert fast.link_is_fast
+    for _ in range(30):  # the link slows down: compression comes back
+        fast.observe_send(4 * 1024**2, 1.0)
+    assert fast.apply(text)[0] != 0

@@ -136,3 +136,11 @@ def test_parse_size() -> None:
     for bad in ("ten", "-1", -5, True, "5 parsecs"):
         with pytest.raises(ValueError, match="size"):
             parse_size(bad)
+
+
+def test_max_frame_must_hold_a_batch(tmp_path: Path) -> None:
+    node_dir = _cluster(tmp_path) / "nodes" / "primary"
+    path = node_dir / "cluster.toml"
+    path.write_text(path.read_text().replace('max_frame = "64MiB"', 'max_frame = "2MiB"'))
+    with pytest.raises(ConfigError, match="max_frame"):
+        load(node_dir)

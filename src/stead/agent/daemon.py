@@ -21,7 +21,13 @@ from stead.api.server import serve_unix
 from stead.channel import transport
 from stead.channel.transport import Connection
 from stead.config.load import Loaded
-from stead.errors import AuthenticationError, SteadError, TimeoutExpired, UsageError
+from stead.errors import (
+    AuthenticationError,
+    JournalError,
+    SteadError,
+    TimeoutExpired,
+    UsageError,
+)
 from stead.replication import check
 from stead.replication.applier import Applier
 from stead.replication.capture.inotify import InotifyCapture
@@ -64,6 +70,8 @@ class Agent:
         self.appends = AppendLog()
         self._emit_lock = asyncio.Lock()
         self._stop = asyncio.Event()
+        self._clean = False
+        self.journal_error = ""
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -97,7 +105,7 @@ class Agent:
                         await server.wait_closed()
                     raise _Stopping
         except* _Stopping:
-            pass
+            self._clean = True
         finally:
             self._close()
 
@@ -110,8 +118,9 @@ class Agent:
         if self.receiver is not None:
             self.receiver.queue.sync()
             self.receiver.queue.close()
-        self.store.set("clean_shutdown", True)
-        self.store.event("stop", "agent stopped cleanly")
+        if self._clean:
+            self.store.set("clean_shutdown", True)
+            self.store.event("stop", "agent stopped cleanly")
         self.store.close()
 
     async def _listen(self) -> list[transport.ChannelServer]:
@@ -164,7 +173,10 @@ class Agent:
             )
             if not first_start:
                 # Changes made while this agent was down are found by a check.
-                sender.state.needs_check = "fast" if self.clean_start else "full"
+                stored = self.store.get(f"needs_check:{peer.name}")
+                sender.state.require_check(
+                    "full" if stored == "full" or not self.clean_start else "fast"
+                )
             self.senders[peer.name] = sender
         # Watch first, then scan: a change made during the scan is seen by the watches.
         await self.capture.start()
@@ -199,7 +211,22 @@ class Agent:
         assert journal is not None
         async with self._emit_lock:
             nbytes = sum(e.payload_bytes() for e in entries) + 64 * len(entries)
-            _first, last = await asyncio.to_thread(self._append, journal, entries)
+            try:
+                _first, last = await asyncio.to_thread(self._append, journal, entries)
+            except (JournalError, OSError) as exc:
+                # A full or failing state disk: the changes stay on this node's files and a
+                # full check sends them once the journal accepts writes again.
+                if str(exc) != self.journal_error:
+                    log.error("journal append failed, a full check will follow: %s", exc)
+                self.journal_error = str(exc)
+                for sender in self.senders.values():
+                    sender.state.require_check("full")
+                return
+            if self.journal_error:
+                self.journal_error = ""
+                for sender in self.senders.values():
+                    if sender.state.connected:
+                        await self._peer_connected(sender.state)
             self.appends.record(last, nbytes, time.monotonic())
 
     def _append(self, journal: Journal, entries: list[Entry]) -> tuple[int, int]:
@@ -210,11 +237,12 @@ class Agent:
 
     def _on_overflow(self) -> None:
         for sender in self.senders.values():
-            sender.state.needs_check = sender.state.needs_check or "fast"
-            if sender.state.connected:
-                self.start_check(node=sender.peer.name, fast=True)
+            sender.state.require_check("fast")
+            if sender.state.connected and not sender.state.checking:
+                self.start_check(node=sender.peer.name, fast=sender.state.needs_check == "fast")
 
     async def _peer_connected(self, state: PeerState) -> None:
+        await asyncio.to_thread(self.store.set, f"needs_check:{state.name}", state.needs_check)
         if state.needs_check and not state.checking:
             self.start_check(node=state.name, fast=state.needs_check == "fast")
 
@@ -264,25 +292,40 @@ class Agent:
 
     # ---- operator requests -------------------------------------------------------------
 
-    async def wait_sync(self, timeout: float) -> dict[str, Any]:
+    async def wait_sync(self, timeout: float, *, require_all: bool = False) -> dict[str, Any]:
+        """Wait until every connected passive has applied the head as of now, with no check
+        due; with ``require_all``, every passive must be connected too."""
         if self.role != "active" or self.journal is None or self.capture is None:
             raise UsageError(f"{self.me} is passive; ask the active node")
         deadline = time.monotonic() + timeout
-        async with asyncio.timeout(timeout):
-            await self.capture.drain()
-            async with self._emit_lock:
-                head = self.journal.head
+        try:
+            async with asyncio.timeout(timeout):
+                await self.capture.drain()
+                async with self._emit_lock:
+                    head = self.journal.head
+        except TimeoutError:
+            raise TimeoutExpired(f"capture did not drain within {timeout} s") from None
+        if self.journal_error:
+            raise TimeoutExpired(f"the journal refuses writes: {self.journal_error}")
         result: dict[str, Any] = {"head": head, "nodes": {}}
         for name, sender in self.senders.items():
-            if not sender.state.connected:
+            state = sender.state
+            if not state.connected and not require_all:
                 result["nodes"][name] = "disconnected"
                 continue
-            ok = await sender.wait_applied(head, max(0.0, deadline - time.monotonic()))
-            if not ok and sender.state.connected:
-                raise TimeoutExpired(
-                    f"{name} applied {sender.state.applied} of {head} within {timeout} s"
+            remaining = max(0.0, deadline - time.monotonic())
+            if not await sender.wait_applied(head, remaining, settled=True):
+                why = (
+                    "is disconnected"
+                    if not state.connected
+                    else (
+                        f"has a {state.needs_check or 'running'} check"
+                        if state.needs_check or state.checking
+                        else f"applied {state.applied}"
+                    )
                 )
-            result["nodes"][name] = sender.state.applied
+                raise TimeoutExpired(f"{name} {why}; journal head {head}, waited {timeout} s")
+            result["nodes"][name] = state.applied
         return result
 
     def start_check(self, *, node: str | None, fast: bool) -> Job:
@@ -292,31 +335,31 @@ class Agent:
         for name in targets:
             if name not in self.senders:
                 raise UsageError(f"{name!r} is not a passive of this cluster")
+            if self.senders[name].state.checking:
+                raise UsageError(f"a check of {name} is already running")
+        for name in targets:
+            self.senders[name].state.checking = True  # claimed now: no overlapping checks
         job = self.jobs.create("check", {"nodes": targets, "fast": fast})
         job.task = asyncio.get_running_loop().create_task(self._run_check(job, targets, fast))
         return job
 
     async def _run_check(self, job: Job, targets: list[str], fast: bool) -> None:
-        assert self.journal is not None and self.capture is not None
+        assert self.journal is not None
+        assert self.capture is not None
+        pending = list(targets)
         try:
-            for name in targets:
-                sender = self.senders[name]
-                sender.state.checking = True
+            while pending:
+                name = pending.pop(0)
+                state = self.senders[name].state
+                generation = state.needs_generation
                 try:
-                    report = await check.run_check(
-                        sender=sender,
-                        roots=self.roots,
-                        filters=self.filters,
-                        capture=self.capture,
-                        block_size=self.cluster.replication.block_size,
-                        fast=fast,
-                        emit=self.emit,
-                        head=lambda: self.journal.head if self.journal else 0,
-                        progress=job.progress,
-                    )
+                    report = await self._check_one(job, name, fast)
                 finally:
-                    sender.state.checking = False
-                sender.state.needs_check = None
+                    state.checking = False
+                covered = not fast or state.needs_check == "fast"
+                if covered and state.needs_generation == generation:
+                    state.needs_check = None
+                await asyncio.to_thread(self.store.set, f"needs_check:{name}", state.needs_check)
                 job.result[name] = report
                 self.store.event(
                     "check",
@@ -327,6 +370,31 @@ class Agent:
         except (SteadError, OSError) as exc:
             job.fail(str(exc))
             self.store.event("check", f"check failed: {exc}", level="error")
+        finally:
+            for name in pending:
+                self.senders[name].state.checking = False
+        if job.state != "done":
+            return  # a failed check runs again when the passive reconnects
+        for name in targets:  # anything raised meanwhile (a reset, a skipped entry) runs now
+            state = self.senders[name].state
+            if state.needs_check and state.connected and not state.checking:
+                self.start_check(node=name, fast=state.needs_check == "fast")
+
+    async def _check_one(self, job: Job, name: str, fast: bool) -> dict[str, Any]:
+        assert self.capture is not None
+        sender = self.senders[name]
+        await sender.request("check-started", {})
+        return await check.run_check(
+            sender=sender,
+            roots=self.roots,
+            filters=self.filters,
+            capture=self.capture,
+            block_size=self.cluster.replication.block_size,
+            fast=fast,
+            emit=self.emit,
+            head=lambda: self.journal.head if self.journal else 0,
+            progress=job.progress,
+        )
 
     # ---- status ------------------------------------------------------------------------
 

@@ -52,8 +52,9 @@ class JobTable:
     def create(self, kind: str, params: dict[str, Any]) -> Job:
         job = Job(next(self._ids), kind, params)
         self._jobs[job.id] = job
-        while len(self._jobs) > MAX_JOBS:
-            del self._jobs[min(self._jobs)]
+        finished = [i for i, j in self._jobs.items() if j.state != "running"]
+        for job_id in finished[: max(0, len(self._jobs) - MAX_JOBS)]:
+            del self._jobs[job_id]  # oldest finished first; a running job is never forgotten
         return job
 
     def get(self, job_id: int) -> Job | None:

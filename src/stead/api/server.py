@@ -84,9 +84,17 @@ async def wait_sync(request: web.Request) -> web.Response:
 
     body = await _json_body(request)
     timeout = body.get("timeout", 60.0)
-    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
+    require_all = body.get("all", False)
+    if (
+        not isinstance(timeout, int | float)
+        or isinstance(timeout, bool)
+        or not 0 < timeout < 1e7  # refuses NaN and infinity too
+    ):
         raise UsageError("timeout must be a positive number of seconds")
-    return web.json_response(await _agent(request).wait_sync(float(timeout)))
+    if not isinstance(require_all, bool):
+        raise UsageError("all must be true or false")
+    result = await _agent(request).wait_sync(float(timeout), require_all=require_all)
+    return web.json_response(result)
 
 
 async def start_check(request: web.Request) -> web.Response:
@@ -117,7 +125,14 @@ async def get_job(request: web.Request) -> web.Response:
 
 
 async def events(request: web.Request) -> web.Response:
-    limit = min(int(request.query.get("limit", "50") or 50), 1000)
+    from stead.errors import UsageError
+
+    try:
+        limit = int(request.query.get("limit", "50"))
+    except ValueError:
+        raise UsageError("limit must be a whole number") from None
+    if not 1 <= limit <= 1000:
+        raise UsageError("limit must be between 1 and 1000")
     return web.json_response(_agent(request).store.events(limit=limit))
 
 

@@ -48,6 +48,12 @@ class Compression:
     saved less than ``min_saving`` of their size together (already compressed data, media,
     encrypted files), it sends the next ``pause`` frames as they are, then tries again. In
     ``auto`` a frame whose compressed form is not smaller is sent uncompressed.
+
+    ``auto`` also stays out of the way on fast links: the connection reports how long each
+    send took (:meth:`observe_send`), and while the measured link rate is above
+    ``fast_link`` bytes per second (compressing would cost more time than it saves, zstd
+    level 3 runs at a few hundred MB/s per core) frames go as they are. A link only looks
+    slow once its socket buffers fill, so short bursts are never delayed by compression.
     """
 
     def __init__(
@@ -59,6 +65,7 @@ class Compression:
         sample: int = 8,
         min_saving: float = 0.10,
         pause: int = 64,
+        fast_link: float = 200e6,
     ) -> None:
         if mode not in ("auto", "always", "never"):
             raise ValueError(f"unknown compression mode {mode!r}")
@@ -72,8 +79,21 @@ class Compression:
         self._compressor = zstandard.ZstdCompressor(level=level)
         self._recent: deque[tuple[int, int]] = deque(maxlen=sample)  # (raw, compressed)
         self._skip = 0
+        self.fast_link = fast_link
+        self.link_rate: float | None = None  # bytes/s, smoothed over recent large sends
         self.frames_compressed = 0
         self.frames_plain = 0
+
+    def observe_send(self, nbytes: int, seconds: float) -> None:
+        """Learn the link's rate from a send of ``nbytes`` that took ``seconds``."""
+        if nbytes < 64 * 1024 or seconds <= 0:
+            return  # small frames say more about scheduling than about the link
+        rate = nbytes / seconds
+        self.link_rate = rate if self.link_rate is None else 0.8 * self.link_rate + 0.2 * rate
+
+    @property
+    def link_is_fast(self) -> bool:
+        return self.link_rate is not None and self.link_rate > self.fast_link
 
     @property
     def paused(self) -> bool:
@@ -87,7 +107,7 @@ class Compression:
         if self.mode == "always":
             self.frames_compressed += 1
             return FLAG_ZSTD, self._compressor.compress(raw)
-        if len(raw) < self.min_size:
+        if len(raw) < self.min_size or self.link_is_fast:
             return self._plain(raw)
         if self._skip > 0:
             self._skip -= 1

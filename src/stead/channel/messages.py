@@ -172,6 +172,7 @@ class Ack(Message):
     received: int
     persisted: int
     applied: int
+    out_of_sync: bool = False  # the passive skipped an entry it could not apply: check it
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -179,6 +180,7 @@ class Ack(Message):
             "received": self.received,
             "persisted": self.persisted,
             "applied": self.applied,
+            "out_of_sync": self.out_of_sync,
         }
 
     @classmethod
@@ -190,7 +192,10 @@ class Ack(Message):
                 f"ack: marks out of order (received {received}, persisted {persisted}, "
                 f"applied {applied})"
             )
-        return cls(received=received, persisted=persisted, applied=applied)
+        out_of_sync = wire.get("out_of_sync", False)
+        if not isinstance(out_of_sync, bool):
+            raise ProtocolError("ack: out_of_sync is not a boolean")
+        return cls(received=received, persisted=persisted, applied=applied, out_of_sync=out_of_sync)
 
 
 @register("heartbeat")

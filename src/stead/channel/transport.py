@@ -33,6 +33,7 @@ import asyncio
 import logging
 import random
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -151,10 +152,13 @@ class Connection:
         """Send one message and wait until the transport has taken it (bounded)."""
         self._check_usable()
         frame = encode_frame(msg.to_wire(), self.compression, self.max_frame)
+        started = time.monotonic()
         try:
             async with asyncio.timeout(self.io_timeout):
                 self._writer.write(frame)
                 await self._writer.drain()
+            if self.compression is not None:
+                self.compression.observe_send(len(frame), time.monotonic() - started)
         except TimeoutError:
             raise self._break(f"peer did not take data for {self.io_timeout}s") from None
         except (OSError, RuntimeError) as exc:  # RuntimeError: transport closing underneath

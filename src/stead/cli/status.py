@@ -65,6 +65,9 @@ def status(
 
 def wait_sync(
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait.")] = 60.0,
+    require_all: Annotated[
+        bool, typer.Option("--all", help="Every passive must be connected and in sync.")
+    ] = False,
     config: ConfigDirOption = None,
     socket: SocketOption = None,
 ) -> None:
@@ -72,6 +75,11 @@ def wait_sync(
     if timeout <= 0:
         raise typer.BadParameter("must be positive", param_hint="--timeout")
     client = AgentClient(find_socket(socket, config), timeout=timeout + 10)
-    result = client.call("POST", "/v1/wait-sync", {"timeout": timeout})
-    nodes = ", ".join(f"{name} {applied}" for name, applied in result["nodes"].items())
-    Console().print(f"[green]in sync[/green] at journal head {result['head']}: {nodes}")
+    result = client.call("POST", "/v1/wait-sync", {"timeout": timeout, "all": require_all})
+    console = Console()
+    synced = {n: a for n, a in result["nodes"].items() if a != "disconnected"}
+    nodes = ", ".join(f"{name} {applied}" for name, applied in synced.items())
+    console.print(f"[green]in sync[/green] at journal head {result['head']}: {nodes or 'none'}")
+    for name, applied in result["nodes"].items():
+        if applied == "disconnected":
+            console.print(f"[yellow]not counted: {name} is disconnected[/yellow]")

@@ -61,6 +61,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError("file not found", file=str(path)) from None
     except PermissionError:
         raise ConfigError("permission denied", file=str(path)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror or exc}", file=str(path)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}", file=str(path)) from None
 

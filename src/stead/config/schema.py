@@ -38,6 +38,7 @@ _SIZE_UNITS = {
     "tib": 1024**4,
 }
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+FILE_PART_BYTES = 4 * 1024**2  # the largest file part or delta a journal record carries
 NODE_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 
 
@@ -168,6 +169,13 @@ class ClusterConfig(_Strict):
             raise ValueError(f"node names must be unique: {', '.join(duplicates)}")
         if self.cluster.active not in names:
             raise ValueError(f"cluster.active {self.cluster.active!r} is not a configured node")
+        largest_record = max(self.replication.batch_bytes, FILE_PART_BYTES) + 1024**2
+        if self.channel.max_frame < largest_record:
+            raise ValueError(
+                f"channel.max_frame ({self.channel.max_frame} bytes) must hold a batch "
+                f"(replication.batch_bytes) or a 4 MiB file part, plus 1 MiB: at least "
+                f"{largest_record} bytes"
+            )
         paths = [PurePosixPath(p.path) for p in self.protected]
         for i, a in enumerate(paths):
             for b in paths[i + 1 :]:

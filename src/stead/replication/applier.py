@@ -156,9 +156,10 @@ class Applier:
         called at the end and immediately before and after each ``RENAME`` and ``LINK``.
         Without ``commit``, the caller must store the returned seq before the next call (the
         applier then cleans up what that seq covers) and gives up replay safety for renames.
-        ``on_refused(seq, entry, exc)`` receives every refused entry; without it the
-        :class:`UnsafePath` is raised. :class:`OutOfSync` (the passive needs a check) and
-        :class:`ApplyError` (retry later) propagate, with nothing past the last commit stored.
+        ``on_refused(seq, entry, exc)`` receives every refused entry (:class:`UnsafePath`)
+        and every entry skipped as :class:`OutOfSync` (the passive needs a check); without
+        it they are raised. :class:`ApplyError` (retry later) propagates, with nothing past
+        the last commit stored.
         An empty batch returns -1.
         """
         if not self._recovered:
@@ -318,9 +319,20 @@ class Applier:
             on_refused(seq, entry, exc)
             return
         except (FileNotFoundError, NotADirectoryError) as exc:
-            self._missing(seq, entry, str(exc))
-        except OutOfSync:
-            raise
+            try:
+                self._missing(seq, entry, str(exc))
+            except OutOfSync as missing:
+                if on_refused is None:
+                    raise
+                on_refused(seq, entry, missing)
+                return
+        except OutOfSync as exc:
+            # The passive is not what the active assumed. With ``on_refused`` the entry is
+            # skipped and reported (the agent asks for a check); without, it is raised.
+            if on_refused is None:
+                raise
+            on_refused(seq, entry, exc)
+            return
         except OSError as exc:
             raise _apply_error(seq, entry, exc) from exc
         self.stats.entries_applied += 1

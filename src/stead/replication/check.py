@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stead.errors import ProtocolError, UsageError
+from stead.errors import ProtocolError, TimeoutExpired, UsageError
 from stead.replication.entries import Entry, Op, check_relative_path
 from stead.replication.filters import Filter
 from stead.replication.manifest import HASH_SIZE, block_hash, read_blocks
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from stead.replication.sender import Sender
 
 PAGE = 5000
+PAGE_HASH_BYTES = 256 * 1024**2  # a full-check page hashes at most this much file data
+CATCH_UP_TIMEOUT = 120.0
 LISTING_TTL = 600.0
 _check_ids = itertools.count(1)
 _listings: dict[str, tuple[float, list[tuple[str, os.stat_result]]]] = {}
@@ -108,17 +110,28 @@ def _list_page(
     elif listing_id not in _listings:
         raise ProtocolError(f"listing {listing_id!r} expired")
     _, entries = _listings[listing_id]
-    page = entries[index : index + PAGE]
     items = []
-    for relpath, st in page:
+    hashed = 0
+    position = index
+    while position < len(entries) and position - index < PAGE and hashed < PAGE_HASH_BYTES:
+        relpath, st = entries[position]
+        position += 1
+        if full and stat.S_ISREG(st.st_mode):
+            hashed += st.st_size
         try:
             items.append(_item(root, relpath, st, full, block_size))
         except FileNotFoundError:
             continue
-    done = index + PAGE >= len(entries)
+    done = position >= len(entries)
     if done:
         _listings.pop(listing_id, None)
-    return {"listing": listing_id, "items": items, "total": len(entries), "done": done}
+    return {
+        "listing": listing_id,
+        "items": items,
+        "total": len(entries),
+        "done": done,
+        "next": position,
+    }
 
 
 async def answer_list(
@@ -152,7 +165,9 @@ async def run_check(
     """Compare one passive with this active and journal the repairs; return the report."""
     name = sender.peer.name
     progress.update(node=name, phase="catching up", compared=0, total=0)
-    await sender.wait_applied(head(), timeout=60.0)
+    if not await sender.wait_applied(head(), timeout=CATCH_UP_TIMEOUT):
+        # Listing while entries are in flight would compare against a moving target.
+        raise TimeoutExpired(f"{name} did not catch up within {CATCH_UP_TIMEOUT} s")
     differences: list[dict[str, str]] = []
     repair_entries = 0
     compared = 0
@@ -171,8 +186,11 @@ async def run_check(
             progress["total"] = reply.body.get("total", 0)
             if reply.body.get("done", True):
                 break
+            next_index = reply.body.get("next")
+            if not isinstance(next_index, int) or next_index <= body.get("index", 0):
+                raise ProtocolError("list reply without a valid next index")
             body["listing"] = reply.body.get("listing")
-            body["index"] = body.get("index", 0) + PAGE
+            body["index"] = next_index
         progress["phase"] = f"comparing {root_key}"
         local = await asyncio.to_thread(_walk, filters[root_key], root)
         progress["total"] = max(len(local), len(remote))
@@ -204,7 +222,11 @@ async def run_check(
 
 
 def _walk(rules: Filter, root: Path) -> list[tuple[str, os.stat_result]]:
-    return list(rules.walk(root))
+    """The active's side must be complete: an unreadable directory fails the check rather
+    than turning the passive's copy of it into deletions."""
+    if not root.is_dir() or root.is_symlink():
+        raise UsageError(f"protected path {root} is missing or not a directory here")
+    return list(rules.walk(root, strict=True))
 
 
 def _compare(

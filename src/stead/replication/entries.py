@@ -22,6 +22,7 @@ from stead.errors import ProtocolError
 
 MAX_PATH_BYTES = 4096
 MAX_NAME_BYTES = 255
+MAX_FILE_BYTES = 2**62  # beyond any file system; keeps offsets inside off_t
 
 
 class Op(StrEnum):
@@ -124,6 +125,17 @@ class Entry:
                 kwargs[name] = value
         if kwargs.get("mode") is not None and not 0 <= kwargs["mode"] <= 0o7777:
             raise ProtocolError("mode out of range")
+        for name in ("uid", "gid"):
+            if kwargs.get(name) is not None and not 0 <= kwargs[name] < 2**32 - 1:
+                raise ProtocolError(f"{name} out of range")
+        if kwargs.get("mtime_ns") is not None and not -(2**63) <= kwargs["mtime_ns"] < 2**63:
+            raise ProtocolError("mtime out of range")
+        for name in ("offset", "size"):
+            if kwargs.get(name, 0) >= MAX_FILE_BYTES:
+                raise ProtocolError(f"{name} beyond the largest file")
+        for block_offset, block in kwargs.get("blocks", ()):
+            if block_offset + len(block) > MAX_FILE_BYTES:
+                raise ProtocolError("delta block beyond the largest file")
         return cls(op=op, root=root, path=path, target=target, **kwargs)
 
 

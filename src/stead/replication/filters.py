@@ -188,7 +188,9 @@ class Filter:
             return any(_could_contain(pattern, parts) for pattern in self._includes)
         return False
 
-    def walk(self, root: Path, *, under: str = "") -> Iterator[tuple[str, os.stat_result]]:
+    def walk(
+        self, root: Path, *, under: str = "", strict: bool = False
+    ) -> Iterator[tuple[str, os.stat_result]]:
         """Yield every protected entry under ``root`` (or its subdirectory ``under``).
 
         Each comes with its ``lstat``; ``under`` itself is not yielded.
@@ -198,7 +200,7 @@ class Filter:
         its contents (depth first). Entries that vanish while walking are skipped, as the
         change that removed them is seen by capture on its own.
         """
-        stack: list[Iterator[tuple[str, os.stat_result]]] = [self._children(root, under)]
+        stack: list[Iterator[tuple[str, os.stat_result]]] = [self._children(root, under, strict)]
         while stack:
             try:
                 relpath, st = next(stack[-1])
@@ -208,16 +210,22 @@ class Filter:
             yield relpath, st
             # Listed only after the consumer has seen (and perhaps watched) the directory.
             if stat.S_ISDIR(st.st_mode):
-                stack.append(self._children(root, relpath))
+                stack.append(self._children(root, relpath, strict))
 
-    def _children(self, root: Path, reldir: str) -> Iterator[tuple[str, os.stat_result]]:
+    def _children(
+        self, root: Path, reldir: str, strict: bool = False
+    ) -> Iterator[tuple[str, os.stat_result]]:
         directory = os.path.join(root, reldir) if reldir else os.fspath(root)
         try:
             with os.scandir(directory) as scan:
                 found = [(os.fsencode(entry.name), entry) for entry in scan]
         except (FileNotFoundError, NotADirectoryError):
+            if strict and not reldir:
+                raise  # the root itself is gone: nothing may be concluded from its absence
             return
         except OSError as exc:
+            if strict:
+                raise
             log.warning("cannot list %s: %s", directory, exc)
             return
         found.sort(key=lambda item: item[0])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,7 +21,7 @@ from stead.aio import first_cause
 from stead.channel import messages as m
 from stead.channel.transport import Connection
 from stead.config.schema import ClusterConfig
-from stead.errors import ApplyError, OutOfSync, ProtocolError, SteadError
+from stead.errors import OutOfSync, ProtocolError, SteadError
 from stead.replication.applier import Applier
 from stead.replication.entries import Entry
 from stead.replication.journal import ReceiveQueue, decode_record
@@ -29,6 +30,9 @@ from stead.store.db import StateStore
 log = logging.getLogger(__name__)
 
 APPLIED_KEY = "applied_seq"
+OUT_OF_SYNC_KEY = "out_of_sync"
+RESET_KEY = "reset_pending"
+PEER_EPOCH_KEY = "active_epoch"
 TRIM_EVERY = 1000  # applied records between attempts to drop applied queue segments
 RequestHandler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -52,7 +56,6 @@ class Receiver:
         self.store = store
         self.epoch = epoch
         self.handle_request = handle_request
-        self.applied: int = int(store.get(APPLIED_KEY, queue.first - 1 if queue.head else 0))
         self.active_name: str = ""
         self.connected = False
         self.last_heartbeat = 0.0
@@ -62,15 +65,29 @@ class Receiver:
         self._queued = asyncio.Event()
         self._progress = asyncio.Event()
         self._current: Connection | None = None
+        self._lock = threading.RLock()  # one of: applying a batch, a reset
+        self._finish_reset()
+        self.applied: int = int(store.get(APPLIED_KEY, queue.first - 1 if queue.head else 0))
+        self.out_of_sync = bool(store.get(OUT_OF_SYNC_KEY, False))
+        if self.applied > queue.head:
+            # Applied beyond what the queue holds (a power loss took unsynced records):
+            # continue after what was applied, and ask for a check.
+            log.warning("applied %d is beyond the queue head %d", self.applied, queue.head)
+            queue.reset(self.applied)
+            self._flag_out_of_sync("applied mark beyond the receive queue")
 
     # ---- applier -----------------------------------------------------------------------
 
     async def apply_loop(self) -> None:
-        """Apply the receive queue in order, forever; a failure is retried, never skipped."""
+        """Apply the receive queue in order, forever; a failure is retried, never skipped.
+
+        Only records already made durable in the queue are applied, so the applied mark
+        never runs ahead of what a restart finds in the queue.
+        """
         while True:
-            if self.queue.head <= self.applied:
+            if self.persisted <= self.applied:
                 self._queued.clear()
-                if self.queue.head <= self.applied:
+                if self.persisted <= self.applied:
                     await self._queued.wait()
                 continue
             try:
@@ -78,39 +95,62 @@ class Receiver:
                 self.apply_error = ""
                 if self.queue.first <= self.applied - TRIM_EVERY:
                     await asyncio.to_thread(self.queue.discard_through, self.applied)
-            except (ApplyError, OutOfSync, OSError) as exc:
+            except Exception as exc:  # a full disk, a broken queue: stall and retry, loudly
                 if str(exc) != self.apply_error:
                     log.error("apply stalled at %d: %s", self.applied + 1, exc)
-                    self.store.event("apply", f"apply stalled: {exc}", level="error")
-                self.apply_error = str(exc)
-                await asyncio.sleep(1.0)  # a full disk or a missing base: retry until repaired
+                    with contextlib.suppress(Exception):
+                        self.store.event("apply", f"apply stalled: {exc}", level="error")
+                self.apply_error = str(exc) or type(exc).__name__
+                await asyncio.sleep(1.0)  # nothing to await: the cause is outside us
             self._progress.set()
 
+    @property
+    def persisted(self) -> int:
+        """What the queue holds durably (with fsync "never", what it holds at all)."""
+        if self.cluster.replication.fsync == "never":
+            return self.queue.head
+        return self.queue.synced
+
     def _apply_some(self) -> None:
-        raw = self.queue.read_from(self.applied + 1, max_bytes=32 * 1024**2, max_records=2000)
-        if not raw:
-            # The queue no longer holds what we need (reset while we were applying).
-            self.applied = max(self.applied, self.queue.first - 1)
-            return
-        records: list[tuple[int, Entry]] = []
-        for seq, payload in raw:
-            try:
-                records.append((seq, decode_record(payload)[1]))
-            except ProtocolError as exc:
-                self._refuse(seq, None, exc)  # malformed: refused, never applied
-        self.applier.apply(records, commit=self._commit, on_refused=self._refuse)
-        self._commit(raw[-1][0])
+        with self._lock:
+            limit = self.persisted
+            raw = self.queue.read_from(self.applied + 1, max_bytes=32 * 1024**2, max_records=2000)
+            raw = [(seq, payload) for seq, payload in raw if seq <= limit]
+            if not raw:
+                return
+            records: list[tuple[int, Entry]] = []
+            for seq, payload in raw:
+                try:
+                    records.append((seq, decode_record(payload)[1]))
+                except ProtocolError as exc:
+                    self._refuse(seq, None, exc)  # malformed: refused, never applied
+            self.applier.apply(records, commit=self._commit, on_refused=self._refuse)
+            self._commit(raw[-1][0])
 
     def _commit(self, seq: int) -> None:
-        if seq > self.applied:
-            self.store.set(APPLIED_KEY, seq)
-            self.applied = seq
+        with self._lock:
+            if seq > self.applied:
+                self.store.set(APPLIED_KEY, seq)
+                self.applied = seq
 
     def _refuse(self, seq: int, entry: Entry | None, exc: Exception) -> None:
-        self.refused += 1
+        """An entry that cannot be applied is skipped; the passive then needs a check."""
         path = entry.path if entry is not None else "?"
+        if isinstance(exc, OutOfSync):
+            # The passive differs from what the active assumed (a file deleted here, say).
+            # Holding the queue would hold the check's repairs behind this entry too.
+            log.warning("skipped entry %d (%s): %s", seq, path, exc)
+            self._flag_out_of_sync(str(exc))
+            return
+        self.refused += 1
         log.error("refused entry %d (%s): %s", seq, path, exc)
         self.store.event("refused", f"entry {seq} refused: {exc}", level="error", path=path)
+
+    def _flag_out_of_sync(self, why: str) -> None:
+        if not self.out_of_sync:
+            self.store.set(OUT_OF_SYNC_KEY, True)
+            self.store.event("out-of-sync", f"out of sync, a check is needed: {why}")
+        self.out_of_sync = True  # the next ack says so (the apply loop wakes the ack loop)
 
     # ---- channel -----------------------------------------------------------------------
 
@@ -125,6 +165,15 @@ class Receiver:
             raise ProtocolError(f"{conn.peer_name} belongs to another cluster")
         if hello.node != conn.peer_name:
             raise ProtocolError(f"certificate says {conn.peer_name}, hello says {hello.node}")
+        m.check_protocol(hello)
+        if hello.role != "active":
+            raise ProtocolError(f"{hello.node} is {hello.role}; only the active streams to us")
+        seen = int(self.store.get(PEER_EPOCH_KEY, 0))
+        if hello.epoch < seen:
+            await conn.send(m.Error(code="epoch", message=f"epoch {hello.epoch} < {seen}"))
+            raise ProtocolError(f"{hello.node} has epoch {hello.epoch}, we follow epoch {seen}")
+        if hello.epoch > seen:
+            self.store.set(PEER_EPOCH_KEY, hello.epoch)
         await conn.send(
             m.Hello(
                 protocol=m.PROTOCOL_VERSION,
@@ -133,8 +182,8 @@ class Receiver:
                 epoch=self.epoch(),
                 role="passive",
                 applied_seq=self.applied,
-                persisted_seq=self.queue.head,
-                journal_head=self.queue.head,
+                persisted_seq=self.persisted,
+                journal_head=self.persisted,
             )
         )
         previous, self._current = self._current, conn
@@ -147,7 +196,7 @@ class Receiver:
             async with asyncio.TaskGroup() as tasks:
                 acks = tasks.create_task(self._ack_loop(conn))
                 try:
-                    await self._read_loop(conn, timeout)
+                    await self._read_loop(conn, timeout, tasks)
                 finally:
                     acks.cancel()
         except BaseExceptionGroup as group:
@@ -156,12 +205,19 @@ class Receiver:
             if self._current is conn:
                 self._current, self.connected = None, False
 
-    async def _read_loop(self, conn: Connection, timeout: float) -> None:
+    async def _read_loop(self, conn: Connection, timeout: float, tasks: asyncio.TaskGroup) -> None:
         while True:
             message = await conn.recv(timeout=timeout)
             self.last_heartbeat = time.monotonic()
             if isinstance(message, m.Records):
                 await self._room_for_more()
+                first = message.records[0][0] if message.records else 0
+                if first > self.queue.head + 1:
+                    # A gap: the active's journal dropped what we needed. Never skip it.
+                    await conn.send(m.Error(code="gap", message=f"need {self.queue.head + 1}"))
+                    raise ProtocolError(
+                        f"records start at {first}, queue head is {self.queue.head}"
+                    )
                 await asyncio.to_thread(self._persist, message.records)
                 self._queued.set()
                 self._progress.set()
@@ -169,7 +225,8 @@ class Receiver:
                 self.active_head = message.journal_head
                 await conn.send(self._ack())
             elif isinstance(message, m.Request):
-                await conn.send(await self._answer(message))
+                # Answered aside: hashing a listing must not stop records flowing.
+                tasks.create_task(self._answer_and_send(conn, message))
             elif isinstance(message, m.Error):
                 log.warning("active says %s: %s", message.code, message.message)
                 return
@@ -194,6 +251,11 @@ class Receiver:
         if self.cluster.replication.fsync != "never":
             self.queue.sync()
 
+    async def _answer_and_send(self, conn: Connection, request: m.Request) -> None:
+        reply = await self._answer(request)
+        with contextlib.suppress(SteadError):  # the channel dropped: the active asks again
+            await conn.send(reply)
+
     async def _answer(self, request: m.Request) -> m.Reply:
         try:
             if request.kind == "reset":
@@ -202,6 +264,11 @@ class Receiver:
                     raise ProtocolError("reset needs a non-negative base")
                 await asyncio.to_thread(self._reset, base)
                 body: dict[str, Any] = {"base": base}
+            elif request.kind == "check-started":
+                # A check now covers whatever made us out of sync until this moment.
+                self.out_of_sync = False
+                await asyncio.to_thread(self.store.set, OUT_OF_SYNC_KEY, False)
+                body = {}
             else:
                 body = await self.handle_request(request.kind, request.body)
             return m.Reply(id=request.id, ok=True, body=body, error="")
@@ -209,21 +276,35 @@ class Receiver:
             return m.Reply(id=request.id, ok=False, body={}, error=str(exc))
 
     def _reset(self, base: int) -> None:
-        self.queue.reset(base)
-        self.store.set(APPLIED_KEY, base)
-        self.applied = base
+        """Start the queue over at ``base``: an intent first, so a crash finishes it."""
+        with self._lock:
+            self.store.set(RESET_KEY, base)
+            self._finish_reset()
         self.store.event("reset", f"receive queue reset to {base}; a check follows")
 
+    def _finish_reset(self) -> None:
+        base = self.store.get(RESET_KEY)
+        if base is None:
+            return
+        self.queue.reset(int(base))
+        self.store.set_many({APPLIED_KEY: int(base), RESET_KEY: None})
+        self.applied = int(base)
+
     def _ack(self) -> m.Ack:
-        head = self.queue.head
-        return m.Ack(received=head, persisted=head, applied=self.applied)
+        head, persisted = self.queue.head, self.persisted
+        return m.Ack(
+            received=head,
+            persisted=persisted,
+            applied=min(self.applied, persisted),
+            out_of_sync=self.out_of_sync,
+        )
 
     async def _ack_loop(self, conn: Connection) -> None:
         """Acknowledge persisted and applied progress as it happens, coalesced."""
-        last: tuple[int, int] = (-1, -1)
+        last: tuple[int, int, bool] = (-1, -1, False)
         while True:
             self._progress.clear()
-            current = (self.queue.head, self.applied)
+            current = (self.persisted, self.applied, self.out_of_sync)
             if current != last:
                 await conn.send(self._ack())
                 last = current
@@ -235,7 +316,8 @@ class Receiver:
         return {
             "active": self.active_name,
             "connected": self.connected,
-            "persisted": self.queue.head,
+            "persisted": self.persisted,
+            "out_of_sync": self.out_of_sync,
             "applied": self.applied,
             "queue_bytes": self.queue.total_bytes,
             "heartbeat_age": round(time.monotonic() - self.last_heartbeat, 3)

@@ -43,12 +43,23 @@ class PeerState:
     applied: int = 0
     epoch: int = 0
     needs_check: str | None = None  # "fast" or "full" while the passive may differ
+    needs_generation: int = 0  # bumped whenever needs_check is raised: a check clears its own
     checking: bool = False
     last_ack: float = 0.0
     last_heartbeat: float = 0.0
     bytes_sent: int = 0
     error: str = ""
     applied_changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def require_check(self, kind: str) -> None:
+        """Note that the passive needs a check; "full" outranks "fast"."""
+        if self.needs_check != "full":
+            self.needs_check = kind
+        self.needs_generation += 1
+
+    def synced_to(self, seq: int) -> bool:
+        """Applied ``seq`` and nothing known to differ: what wait-sync waits for."""
+        return self.connected and self.applied >= seq and not (self.needs_check or self.checking)
 
     def state(self, head: int) -> str:
         if not self.connected:
@@ -166,7 +177,7 @@ class Sender:
         )
         await self.request("reset", {"base": head})
         self.state.received = self.state.persisted = self.state.applied = head
-        self.state.needs_check = "full"
+        self.state.require_check("full")
 
     def _hello(self) -> m.Hello:
         return m.Hello(
@@ -196,6 +207,11 @@ class Sender:
                 continue
             records = await asyncio.to_thread(self.journal.read_from, position, batch_bytes)
             if not records:
+                continue
+            if records[0][0] != position:
+                # The bound dropped records between our check and the read: never skip.
+                await self._reset_passive()
+                position = self.state.persisted + 1
                 continue
             await conn.send(m.Records(epoch=self.epoch(), records=records))
             self.state.bytes_sent += sum(len(payload) for _, payload in records)
@@ -229,6 +245,9 @@ class Sender:
                     state.applied_changed.set()
                     state.applied_changed = asyncio.Event()
                 state.last_ack = now
+                if message.out_of_sync and not state.checking and state.needs_check != "full":
+                    state.require_check("full")
+                    await self.on_connected(state)  # starts the check
             elif isinstance(message, m.Heartbeat):
                 self.state.last_heartbeat = now
             elif isinstance(message, m.Reply):
@@ -258,15 +277,22 @@ class Sender:
             raise ChannelError(f"{self.peer.name} refused {kind}: {reply.error}")
         return reply
 
-    async def wait_applied(self, seq: int, timeout: float) -> bool:
-        """True once the passive has applied ``seq``; False on timeout or disconnection."""
+    async def wait_applied(self, seq: int, timeout: float, *, settled: bool = False) -> bool:
+        """True once the passive has applied ``seq`` (and, if ``settled``, has no check due).
+
+        False on timeout or disconnection.
+        """
+
+        def done() -> bool:
+            return self.state.synced_to(seq) if settled else self.state.applied >= seq
+
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                while self.state.applied < seq:
+                while not done():
                     if not self.state.connected:
                         return False
                     event = self.state.applied_changed
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(0.5):
                             await event.wait()
-        return self.state.applied >= seq
+        return done()
