@@ -64,6 +64,7 @@ class Receiver:
         self.refused = 0
         self._queued = asyncio.Event()
         self._progress = asyncio.Event()
+        self._unsynced = asyncio.Event()
         self._current: Connection | None = None
         self._lock = threading.RLock()  # one of: applying a batch, a reset
         self._finish_reset()
@@ -218,9 +219,8 @@ class Receiver:
                     raise ProtocolError(
                         f"records start at {first}, queue head is {self.queue.head}"
                     )
-                await asyncio.to_thread(self._persist, message.records)
-                self._queued.set()
-                self._progress.set()
+                await asyncio.to_thread(self.queue.append, message.records)
+                self._unsynced.set()  # the sync loop makes it durable, then it is acked
             elif isinstance(message, m.Heartbeat):
                 self.active_head = message.journal_head
                 await conn.send(self._ack())
@@ -246,10 +246,16 @@ class Receiver:
                 async with asyncio.timeout(1.0):
                     await self._progress.wait()
 
-    def _persist(self, records: list[tuple[int, bytes]]) -> None:
-        self.queue.append(records)
-        if self.cluster.replication.fsync != "never":
-            self.queue.sync()
+    async def sync_loop(self) -> None:
+        """Group commit of the receive queue: one fsync covers every frame that arrived
+        meanwhile, while the read loop goes on reading (network and disk overlap)."""
+        while True:
+            await self._unsynced.wait()
+            self._unsynced.clear()
+            if self.cluster.replication.fsync != "never":
+                await asyncio.to_thread(self.queue.sync)
+            self._queued.set()
+            self._progress.set()
 
     async def _answer_and_send(self, conn: Connection, request: m.Request) -> None:
         reply = await self._answer(request)
