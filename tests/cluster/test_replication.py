@@ -127,9 +127,13 @@ def test_changes_made_while_the_active_agent_was_down_are_found(lab: Any) -> Non
     assert_converged(built)
 
 
-@pytest.mark.parametrize("victim", ["primary", "secondary"])
-def test_kill_9_mid_stream_loses_nothing(lab: Any, victim: str) -> None:
+@pytest.mark.parametrize(
+    ("victim", "memory"), [("primary", "64MiB"), ("secondary", "64MiB"), ("secondary", "0")]
+)
+def test_kill_9_mid_stream_loses_nothing(lab: Any, victim: str, memory: str) -> None:
     built: Lab = lab(2)
+    if memory != "64MiB":
+        set_cluster_option(built, 'receive_memory = "64MiB"', f'receive_memory = "{memory}"')
     wait_connected(built)
     writer = built.popen(
         "primary",
@@ -191,6 +195,8 @@ def test_passive_restarted_during_initial_sync(lab: Any) -> None:
 
 def test_disk_full_passive_stalls_then_recovers(lab: Any) -> None:
     built: Lab = lab(2, disk_size="256M")
+    # Everything through the receive queue: the applier stalls, the queue holds the rest.
+    set_cluster_option(built, 'receive_memory = "64MiB"', 'receive_memory = "0"')
     wait_connected(built)
     built.fill_disk("secondary")
     sh(built, "primary", "head -c 20000000 /dev/urandom > /srv/lab/wontfit")

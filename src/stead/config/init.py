@@ -70,6 +70,7 @@ fsync = "batch"             # journal and receive queue: always | batch (group c
 journal_max = "10GiB"       # a passive further behind is marked out of sync and checked
 block_size = "64KiB"        # block of the delta manifest and of the full system check
 batch_bytes = "4MiB"        # file data per replication frame
+receive_memory = "64MiB"    # a passive applies this much straight from memory, then queues
 
 {protected}
 {node_blocks}"""

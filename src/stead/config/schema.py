@@ -101,6 +101,11 @@ class ReplicationSection(_Strict):
     journal_max: Size = Field(default=10 * 1024**3)
     block_size: Size = Field(default=64 * 1024)
     batch_bytes: Size = Field(default=4 * 1024**2, description="bytes per replication frame")
+    receive_memory: Size = Field(
+        default=64 * 1024**2,
+        description="received records a passive applies straight from memory before it "
+        "spills them to its receive queue (0: always through the queue)",
+    )
 
     @field_validator("block_size")
     @classmethod

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,6 +36,7 @@ OUT_OF_SYNC_KEY = "out_of_sync"
 RESET_KEY = "reset_pending"
 PEER_EPOCH_KEY = "active_epoch"
 TRIM_EVERY = 1000  # applied records between attempts to drop applied queue segments
+APPLY_BYTES = 32 * 1024**2  # file data per applier batch (one group commit)
 RequestHandler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
@@ -67,28 +70,31 @@ class Receiver:
         self._unsynced = asyncio.Event()
         self._current: Connection | None = None
         self._lock = threading.RLock()  # one of: applying a batch, a reset
+        # Records the applier takes straight from memory (written once, to their files);
+        # the queue takes over ("spills") while the applier is behind.
+        self._memory: deque[tuple[int, bytes]] = deque()
+        self._memory_lock = threading.Lock()
+        self._memory_bytes = 0
         self._finish_reset()
         self.applied: int = int(store.get(APPLIED_KEY, queue.first - 1 if queue.head else 0))
+        self.memory_head = self.applied
         self.out_of_sync = bool(store.get(OUT_OF_SYNC_KEY, False))
-        if self.applied > queue.head:
-            # Applied beyond what the queue holds (a power loss took unsynced records):
-            # continue after what was applied, and ask for a check.
-            log.warning("applied %d is beyond the queue head %d", self.applied, queue.head)
-            queue.reset(self.applied)
-            self._flag_out_of_sync("applied mark beyond the receive queue")
 
     # ---- applier -----------------------------------------------------------------------
 
     async def apply_loop(self) -> None:
-        """Apply the receive queue in order, forever; a failure is retried, never skipped.
+        """Apply received records in order, forever; a failure is retried, never skipped.
 
-        Only records already made durable in the queue are applied, so the applied mark
-        never runs ahead of what a restart finds in the queue.
+        Records come from memory while the applier keeps up: they are written once, to
+        their files, and acknowledged as persisted once applied. While the applier is
+        behind, the receiver spills them to the queue, and only records the queue has made
+        durable are applied from it. Either way the applied mark never runs ahead of what
+        a restart can find (in the files, or in the queue).
         """
         while True:
-            if self.persisted <= self.applied:
+            if not self._pending():
                 self._queued.clear()
-                if self.persisted <= self.applied:
+                if not self._pending():
                     await self._queued.wait()
                 continue
             try:
@@ -105,18 +111,56 @@ class Receiver:
                 await asyncio.sleep(1.0)  # nothing to await: the cause is outside us
             self._progress.set()
 
-    @property
-    def persisted(self) -> int:
-        """What the queue holds durably (with fsync "never", what it holds at all)."""
+    def _pending(self) -> bool:
+        return bool(self._memory) or self._queue_durable() > self.applied
+
+    def _queue_durable(self) -> int:
         if self.cluster.replication.fsync == "never":
             return self.queue.head
         return self.queue.synced
 
+    @property
+    def persisted(self) -> int:
+        """Durable here: applied, or in the queue and synced (fsync "never": in the queue)."""
+        return max(self._queue_durable(), self.applied)
+
+    @property
+    def head(self) -> int:
+        """The last record received, wherever it is held."""
+        return max(self.queue.head, self.memory_head, self.applied)
+
+    @property
+    def spilling(self) -> bool:
+        """The queue holds records not yet applied: new ones must queue behind them."""
+        return self.queue.head > self.applied
+
+    def _take_memory(self) -> list[tuple[int, bytes]]:
+        with self._memory_lock:
+            taken: list[tuple[int, bytes]] = []
+            size = 0
+            for seq, payload in itertools.islice(self._memory, 2000):
+                if taken and size + len(payload) > APPLY_BYTES:
+                    break
+                taken.append((seq, payload))
+                size += len(payload)
+            return taken
+
+    def _drop_memory_through(self, seq: int) -> None:
+        with self._memory_lock:
+            while self._memory and self._memory[0][0] <= seq:
+                self._memory_bytes -= len(self._memory.popleft()[1])
+
     def _apply_some(self) -> None:
         with self._lock:
-            limit = self.persisted
-            raw = self.queue.read_from(self.applied + 1, max_bytes=32 * 1024**2, max_records=2000)
-            raw = [(seq, payload) for seq, payload in raw if seq <= limit]
+            raw = [(q, p) for q, p in self._take_memory() if q > self.applied]
+            from_memory = bool(raw)
+            if not from_memory:
+                self._drop_memory_through(self.applied)
+                limit = self._queue_durable()
+                raw = self.queue.read_from(
+                    self.applied + 1, max_bytes=APPLY_BYTES, max_records=2000
+                )
+                raw = [(seq, payload) for seq, payload in raw if seq <= limit]
             if not raw:
                 return
             records: list[tuple[int, Entry]] = []
@@ -127,6 +171,8 @@ class Receiver:
                     self._refuse(seq, None, exc)  # malformed: refused, never applied
             self.applier.apply(records, commit=self._commit, on_refused=self._refuse)
             self._commit(raw[-1][0])
+            if from_memory:
+                self._drop_memory_through(raw[-1][0])
 
     def _commit(self, seq: int) -> None:
         with self._lock:
@@ -184,7 +230,7 @@ class Receiver:
                 role="passive",
                 applied_seq=self.applied,
                 persisted_seq=self.persisted,
-                journal_head=self.persisted,
+                journal_head=self.head,
             )
         )
         previous, self._current = self._current, conn
@@ -212,15 +258,15 @@ class Receiver:
             self.last_heartbeat = time.monotonic()
             if isinstance(message, m.Records):
                 await self._room_for_more()
-                first = message.records[0][0] if message.records else 0
-                if first > self.queue.head + 1:
+                head = self.head
+                fresh = [(seq, payload) for seq, payload in message.records if seq > head]
+                if not fresh:
+                    continue  # a resend of what we hold already
+                if fresh[0][0] > head + 1:
                     # A gap: the active's journal dropped what we needed. Never skip it.
-                    await conn.send(m.Error(code="gap", message=f"need {self.queue.head + 1}"))
-                    raise ProtocolError(
-                        f"records start at {first}, queue head is {self.queue.head}"
-                    )
-                await asyncio.to_thread(self.queue.append, message.records)
-                self._unsynced.set()  # the sync loop makes it durable, then it is acked
+                    await conn.send(m.Error(code="gap", message=f"need {head + 1}"))
+                    raise ProtocolError(f"records start at {fresh[0][0]}, we hold {head}")
+                await self._hold(fresh)
             elif isinstance(message, m.Heartbeat):
                 self.active_head = message.journal_head
                 await conn.send(self._ack())
@@ -233,6 +279,21 @@ class Receiver:
             else:
                 raise ProtocolError(f"unexpected {type(message).__name__} from the active")
 
+    async def _hold(self, records: list[tuple[int, bytes]]) -> None:
+        """Hand records to the applier in memory, or spill them to the queue while it is
+        behind (and keep spilling until it has caught up with the queue)."""
+        size = sum(len(payload) for _, payload in records)
+        room = self.cluster.replication.receive_memory
+        if not self.spilling and self._memory_bytes + size <= room:
+            with self._memory_lock:
+                self._memory.extend(records)
+                self._memory_bytes += size
+            self.memory_head = records[-1][0]
+            self._queued.set()
+            return
+        await asyncio.to_thread(self.queue.append, records)
+        self._unsynced.set()  # the sync loop makes them durable, then they are acked
+
     async def _room_for_more(self) -> None:
         """Backpressure: past the bound, stop reading until the applier catches up.
 
@@ -240,7 +301,7 @@ class Receiver:
         its sender blocks on the full socket, and its journal bound decides what follows.
         """
         bound = self.cluster.replication.journal_max
-        while self.queue.total_bytes > bound and self.queue.head > self.applied:
+        while self.queue.total_bytes > bound and self.spilling:
             self._progress.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
@@ -292,12 +353,15 @@ class Receiver:
         base = self.store.get(RESET_KEY)
         if base is None:
             return
+        with self._memory_lock:
+            self._memory.clear()
+            self._memory_bytes = 0
         self.queue.reset(int(base))
         self.store.set_many({APPLIED_KEY: int(base), RESET_KEY: None})
-        self.applied = int(base)
+        self.applied = self.memory_head = int(base)
 
     def _ack(self) -> m.Ack:
-        head, persisted = self.queue.head, self.persisted
+        head, persisted = self.head, self.persisted
         return m.Ack(
             received=head,
             persisted=persisted,
@@ -325,7 +389,7 @@ class Receiver:
             "persisted": self.persisted,
             "out_of_sync": self.out_of_sync,
             "applied": self.applied,
-            "queue_bytes": self.queue.total_bytes,
+            "queue_bytes": self.queue.total_bytes + self._memory_bytes,
             "heartbeat_age": round(time.monotonic() - self.last_heartbeat, 3)
             if self.last_heartbeat
             else None,
