@@ -71,6 +71,8 @@ class Agent:
         self._emit_lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._journal_dirty = asyncio.Event()
+        self.capture_phase = ""
+        self.scan_entries = 0
         self._clean = False
         self.journal_error = ""
 
@@ -179,15 +181,24 @@ class Agent:
                     "full" if stored == "full" or not self.clean_start else "fast"
                 )
             self.senders[peer.name] = sender
-        # Watch first, then scan: a change made during the scan is seen by the watches.
-        await self.capture.start()
-        if first_start:
-            await self._initial_scan()
-        tasks.create_task(self.capture.run(self.emit))
+        # Capture and the first scan run beside the API and the channel, so that a large
+        # protected set does not keep `stead status` waiting.
+        tasks.create_task(self._capture(first_start))
         for sender in self.senders.values():
             tasks.create_task(sender.run())
         tasks.create_task(self._trim_journal())
         tasks.create_task(self._sync_journal())
+
+    async def _capture(self, first_start: bool) -> None:
+        assert self.capture is not None
+        # Watch first, then scan: a change made during the scan is seen by the watches.
+        self.capture_phase = "watching"
+        await self.capture.start()
+        if first_start:
+            self.capture_phase = "initial scan"
+            await self._initial_scan()
+        self.capture_phase = "running"
+        await self.capture.run(self.emit)
 
     async def _initial_scan(self) -> None:
         """Journal the whole protected state once, batch by batch (bounded memory)."""
@@ -202,6 +213,7 @@ class Agent:
                 break
             await self.emit(batch)
             count += len(batch)
+            self.scan_entries = count
         self.store.set("initial_scan_done", True)
         self.store.event("initial-scan", f"initial scan journaled {count} entries")
 
@@ -459,7 +471,12 @@ class Agent:
             "epoch": self.epoch,
             "uptime": round(time.time() - self.started, 1),
             "journal": journal,
-            "capture": dataclasses.asdict(self.capture.stats) if self.capture else {},
+            "capture": (
+                dataclasses.asdict(self.capture.stats)
+                | {"phase": self.capture_phase, "initial_scan_entries": self.scan_entries}
+                if self.capture
+                else {}
+            ),
             "nodes": nodes,
         }
 

@@ -32,6 +32,11 @@ def render_status(data: dict[str, Any]) -> Table:
     )
     if journal:
         title += f" · journal {journal['first']}..{journal['head']} ({_size(journal['bytes'])})"
+    capture = data.get("capture") or {}
+    if capture.get("phase") and capture["phase"] != "running":
+        title += (
+            f" · capture: {capture['phase']} ({capture.get('initial_scan_entries', 0)} entries)"
+        )
     table = Table(title=title, title_justify="left")
     for column in ("node", "role", "state", "journal head", "acked", "applied", "queue", "lag"):
         table.add_column(column, justify="right" if column not in ("node", "role") else "left")

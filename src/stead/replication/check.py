@@ -165,6 +165,7 @@ async def run_check(
     """Compare one passive with this active and journal the repairs; return the report."""
     name = sender.peer.name
     progress.update(node=name, phase="catching up", compared=0, total=0)
+    await capture.started()  # repairs go through a running capture
     if not await sender.wait_applied(head(), timeout=CATCH_UP_TIMEOUT):
         # Listing while entries are in flight would compare against a moving target.
         raise TimeoutExpired(f"{name} did not catch up within {CATCH_UP_TIMEOUT} s")
