@@ -1,8 +1,9 @@
-"""Capture with real inotify on temporary trees, checked by applying what it emits.
+"""The capture conformance suite: every backend on real trees, checked by applying.
 
-Every test mirrors a source tree ``src`` into ``dst`` through the real applier and compares
-the two with ``tests/treeutil.snapshot``; a Hypothesis property does the same for random
-sequences of file operations.
+Every test runs once per backend (inotify on ``tmp_path``; fanotify, as root, on a
+loop-mounted ext4 of its own, see ``conftest.py``), mirrors a source tree ``src`` into
+``dst`` through the real applier and compares the two with ``tests/treeutil.snapshot``;
+a Hypothesis property does the same for random sequences of file operations.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from capturefs import BACKENDS, Place, capture_base
 from stead.replication.applier import Applier
+from stead.replication.capture import make_capture
 from stead.replication.capture.base import FileReader
+from stead.replication.capture.fanotify import FanotifyCapture, probe
 from stead.replication.capture.inotify import InotifyCapture
 from stead.replication.capture.scan import initial_scan
 from stead.replication.entries import Entry, Op
@@ -40,16 +44,18 @@ class Mirror:
         src: Path,
         dst: Path,
         *,
+        backend: str = "inotify",
         filt: Filter | None = None,
         manifest: Manifest | None = None,
         scan_on_start: bool = False,
         on_overflow: Callable[[], None] | None = None,
     ) -> None:
         self.src, self.dst = src, dst
-        self.capture = InotifyCapture(
+        self.capture = make_capture(
             {ROOT: src},
             {ROOT: filt or Filter()},
             manifest,
+            "fanotify" if backend == "fanotify" else "inotify",
             scan_on_start=scan_on_start,
             on_overflow=on_overflow,
         )
@@ -78,8 +84,8 @@ class Mirror:
 
 
 @contextlib.asynccontextmanager
-async def mirror(src: Path, dst: Path, **kwargs: object) -> AsyncIterator[Mirror]:
-    mir = Mirror(src, dst, **kwargs)  # type: ignore[arg-type]
+async def mirror(place: Place, **kwargs: object) -> AsyncIterator[Mirror]:
+    mir = Mirror(place.src, place.dst, backend=place.backend, **kwargs)  # type: ignore[arg-type]
     task = asyncio.create_task(mir.capture.run(mir._emit))
     started = asyncio.create_task(mir.capture.started())
     async with asyncio.timeout(TIMEOUT):
@@ -94,14 +100,6 @@ async def mirror(src: Path, dst: Path, **kwargs: object) -> AsyncIterator[Mirror
         with contextlib.suppress(asyncio.CancelledError):
             await task
         mir.applier.close()
-
-
-@pytest.fixture
-def trees(tmp_path: Path) -> tuple[Path, Path]:
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    src.mkdir()
-    dst.mkdir()
-    return src, dst
 
 
 def ops(entries: list[Entry]) -> list[tuple[Op, str]]:
@@ -121,13 +119,19 @@ def write_at(path: Path | bytes, offset: int, data: bytes) -> None:
         os.close(fd)
 
 
-def queue_limit() -> int:
-    return int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+def events_to_overflow(backend: str) -> int:
+    """Files to write, without yielding, for more events than the kernel queue holds.
+
+    inotify queues three events per new file (create, modify, close); fanotify merges them
+    into one.
+    """
+    limit = int(Path(f"/proc/sys/fs/{backend}/max_queued_events").read_text())
+    return limit // 2 + 100 if backend == "inotify" else limit + 100
 
 
-async def test_file_create_write_append_truncate(trees: tuple[Path, Path]) -> None:
-    src, dst = trees
-    async with mirror(src, dst) as mir:
+async def test_file_create_write_append_truncate(place: Place) -> None:
+    src = place.src
+    async with mirror(place) as mir:
         (src / "f").write_bytes(b"hello")
         new = await mir.sync()
         assert ops(new) == [(Op.FILE, "f")]
@@ -139,12 +143,12 @@ async def test_file_create_write_append_truncate(trees: tuple[Path, Path]) -> No
         os.truncate(src / "f", 2)
         await mir.sync()
         mir.assert_same()
-        assert (dst / "f").read_bytes() == b"he"
+        assert (place.dst / "f").read_bytes() == b"he"
 
 
-async def test_chmod_chown_touch_send_meta(trees: tuple[Path, Path]) -> None:
-    src, dst = trees
-    async with mirror(src, dst) as mir:
+async def test_chmod_chown_touch_send_meta(place: Place) -> None:
+    src = place.src
+    async with mirror(place) as mir:
         (src / "f").write_bytes(b"x")
         (src / "d").mkdir()
         await mir.sync()
@@ -155,13 +159,13 @@ async def test_chmod_chown_touch_send_meta(trees: tuple[Path, Path]) -> None:
         new = await mir.sync()
         assert set(ops(new)) == {(Op.META, "f"), (Op.META, "d")}
         mir.assert_same()
-        assert (dst / "f").stat().st_uid == 1234
-        assert (dst / "f").stat().st_gid == 4321
+        assert (place.dst / "f").stat().st_uid == 1234
+        assert (place.dst / "f").stat().st_gid == 4321
 
 
-async def test_renames_of_files_and_directories(trees: tuple[Path, Path]) -> None:
-    src, dst = trees
-    async with mirror(src, dst) as mir:
+async def test_renames_of_files_and_directories(place: Place) -> None:
+    src = place.src
+    async with mirror(place) as mir:
         (src / "d" / "sub").mkdir(parents=True)
         (src / "d" / "sub" / "f").write_bytes(b"one")
         (src / "g").write_bytes(b"two")
@@ -177,12 +181,43 @@ async def test_renames_of_files_and_directories(trees: tuple[Path, Path]) -> Non
         mir.assert_same()
 
 
-async def test_delete_rmdir_and_moves_out_and_in(trees: tuple[Path, Path], tmp_path: Path) -> None:
-    src, dst = trees
-    outside = tmp_path / "outside"
+async def test_renames_back_and_forth_and_reused_names(place: Place) -> None:
+    """Sequences that fanotify merges out of order while they are queued."""
+    src = place.src
+    async with mirror(place) as mir:
+        (src / "d" / "sub").mkdir(parents=True)
+        (src / "d" / "sub" / "f").write_bytes(b"in d")
+        (src / "a").write_bytes(b"file a")
+        await mir.sync()
+        # The third rename repeats the first while it is still queued.
+        for _ in range(2):
+            os.rename(src / "a", src / "c")
+            os.rename(src / "c", src / "a")
+            os.rename(src / "d", src / "e")
+            os.rename(src / "e", src / "d")
+        os.rename(src / "a", src / "c")
+        os.rename(src / "d", src / "e")
+        await mir.sync()
+        mir.assert_same()
+        # A new directory takes the old name of one renamed before the queue was read.
+        os.rename(src / "e", src / "moved")
+        (src / "e").mkdir()
+        (src / "e" / "x").write_bytes(b"in the new e")
+        # Created and deleted, deleted and linked again: one queued event each.
+        (src / "gone").write_bytes(b"short-lived")
+        os.unlink(src / "gone")
+        os.link(src / "c", src / "c2")
+        os.unlink(src / "c")
+        os.link(src / "c2", src / "c")
+        await mir.sync()
+        mir.assert_same()
+
+
+async def test_delete_rmdir_and_moves_out_and_in(place: Place) -> None:
+    src, outside = place.src, place.outside
     (outside / "in").mkdir(parents=True)
     (outside / "in" / "x").write_bytes(b"from outside")
-    async with mirror(src, dst) as mir:
+    async with mirror(place) as mir:
         (src / "d" / "e").mkdir(parents=True)
         (src / "d" / "e" / "f").write_bytes(b"1")
         (src / "g").write_bytes(b"2")
@@ -196,13 +231,15 @@ async def test_delete_rmdir_and_moves_out_and_in(trees: tuple[Path, Path], tmp_p
         assert (Op.DELETE, "g") in ops(new) and (Op.DELETE, "h") in ops(new)
         mir.assert_same()
         (src / "in" / "y").write_bytes(b"watched after moving in")
-        await mir.sync()
+        (outside / "ignored").write_bytes(b"changes outside the root are not sent")
+        new = await mir.sync()
+        assert ops(new) == [(Op.FILE, "in/y")]
         mir.assert_same()
 
 
-async def test_symlinks_and_hard_links(trees: tuple[Path, Path]) -> None:
-    src, dst = trees
-    async with mirror(src, dst) as mir:
+async def test_symlinks_and_hard_links(place: Place) -> None:
+    src = place.src
+    async with mirror(place) as mir:
         (src / "f").write_bytes(b"shared")
         os.symlink("f", src / "s")
         os.symlink("/nowhere/at/all", src / "dangling")
@@ -211,31 +248,29 @@ async def test_symlinks_and_hard_links(trees: tuple[Path, Path]) -> None:
         new = await mir.sync()
         assert (Op.LINK, "g") in ops(new)
         mir.assert_same()
-        assert (dst / "f").stat().st_ino == (dst / "g").stat().st_ino
+        assert (place.dst / "f").stat().st_ino == (place.dst / "g").stat().st_ino
         append(src / "g", b" more")  # through the second name
         await mir.sync()
         mir.assert_same()
-        assert (dst / "f").stat().st_ino == (dst / "g").stat().st_ino
+        assert (place.dst / "f").stat().st_ino == (place.dst / "g").stat().st_ino
 
 
-async def test_sparse_file_stays_sparse(trees: tuple[Path, Path]) -> None:
-    src, dst = trees
-    async with mirror(src, dst) as mir:
+async def test_sparse_file_stays_sparse(place: Place) -> None:
+    src = place.src
+    async with mirror(place) as mir:
         (src / "sparse").write_bytes(b"head")
         write_at(src / "sparse", 64 * 1024 * 1024, b"tail")
         new = await mir.sync()
         assert sum(entry.payload_bytes() for entry in new) <= 2 * 65536
         mir.assert_same()
-        assert (dst / "sparse").stat().st_blocks * 512 < 1024 * 1024
+        assert (place.dst / "sparse").stat().st_blocks * 512 < 1024 * 1024
 
 
-async def test_big_file_one_byte_change_is_one_block(
-    trees: tuple[Path, Path], tmp_path: Path
-) -> None:
-    src, dst = trees
+async def test_big_file_one_byte_change_is_one_block(place: Place, tmp_path: Path) -> None:
+    src = place.src
     manifest = Manifest(tmp_path / "manifest.db")
     data = bytearray(os.urandom(10 * 1024 * 1024 + 123))
-    async with mirror(src, dst, manifest=manifest) as mir:
+    async with mirror(place, manifest=manifest) as mir:
         (src / "big").write_bytes(data)
         new = await mir.sync()
         parts = [entry for entry in new if entry.op is Op.FILE]
@@ -259,10 +294,10 @@ async def test_big_file_one_byte_change_is_one_block(
     manifest.close()
 
 
-async def test_filters_keep_excluded_paths_out(trees: tuple[Path, Path]) -> None:
-    src, dst = trees
+async def test_filters_keep_excluded_paths_out(place: Place) -> None:
+    src = place.src
     filt = Filter(include=["data/**"], exclude=["*.tmp", "data/cache"])
-    async with mirror(src, dst, filt=filt) as mir:
+    async with mirror(place, filt=filt) as mir:
         (src / "data" / "cache").mkdir(parents=True)
         (src / "other").mkdir()
         (src / "data" / "keep").write_bytes(b"k")
@@ -278,21 +313,21 @@ async def test_filters_keep_excluded_paths_out(trees: tuple[Path, Path]) -> None
         assert set(ops(new)) == {(Op.FILE, "data/saved"), (Op.DELETE, "data/keep")}
         wanted = {k: v for k, v in snapshot(src).items() if filt.protected(k, v[0] == "dir")}
         assert set(wanted) == {"data", "data/saved"}
-        assert snapshot(dst) == wanted
+        assert snapshot(place.dst) == wanted
 
 
-async def test_non_utf8_names(trees: tuple[Path, Path]) -> None:
-    src, dst = trees
-    async with mirror(src, dst) as mir:
+async def test_non_utf8_names(place: Place) -> None:
+    src = place.src
+    async with mirror(place) as mir:
         write_at(os.path.join(os.fsencode(src), b"caf\xe9"), 0, b"bytes")
         new = await mir.sync()
         assert os.fsencode(new[0].path) == b"caf\xe9"
         mir.assert_same()
 
 
-async def test_drain_returns_after_every_earlier_change(trees: tuple[Path, Path]) -> None:
-    src, dst = trees
-    async with mirror(src, dst) as mir:
+async def test_drain_returns_after_every_earlier_change(place: Place) -> None:
+    src = place.src
+    async with mirror(place) as mir:
         mir.capture.coalesce = 3600.0  # only drain can flush content changes now
         for index in range(200):
             (src / f"f{index}").write_bytes(b"%d" % index)
@@ -301,16 +336,16 @@ async def test_drain_returns_after_every_earlier_change(trees: tuple[Path, Path]
         assert mir.capture.stats.entries == 200
 
 
-async def test_start_scan_and_overflow_rescan(trees: tuple[Path, Path]) -> None:
-    src, dst = trees
+async def test_start_scan_and_overflow_rescan(place: Place) -> None:
+    src = place.src
     (src / "before").mkdir()
     (src / "before" / "f").write_bytes(b"existed before the start")
     overflows: list[int] = []
-    async with mirror(src, dst, scan_on_start=True, on_overflow=lambda: overflows.append(1)) as mir:
+    async with mirror(place, scan_on_start=True, on_overflow=lambda: overflows.append(1)) as mir:
         await mir.sync()
         mir.assert_same()
         # Without yielding to the loop, more events than the kernel queue holds.
-        for index in range(queue_limit() // 2 + 100):
+        for index in range(events_to_overflow(place.backend)):
             (src / f"n{index}").write_bytes(b"x")
         await mir.sync()
         assert overflows
@@ -402,27 +437,70 @@ def apply_op(root: Path, op: tuple[object, ...]) -> None:
         pass  # the operation is not possible in this state: so be it
 
 
-async def replay(operations: list[tuple[object, ...]], with_manifest: bool) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "src", Path(tmp) / "dst"
-        src.mkdir()
-        dst.mkdir()
-        manifest = Manifest(Path(tmp) / "m.db", block_size=4096) if with_manifest else None
-        async with mirror(src, dst, manifest=manifest) as mir:
+async def replay(
+    backend: str, base: Path, operations: list[tuple[object, ...]], with_manifest: bool
+) -> None:
+    with tempfile.TemporaryDirectory(dir=base) as tmp, tempfile.TemporaryDirectory() as out:
+        place = Place(backend, Path(tmp) / "src", Path(out) / "dst", Path(tmp) / "outside")
+        place.src.mkdir()
+        place.dst.mkdir()
+        manifest = Manifest(Path(out) / "m.db", block_size=4096) if with_manifest else None
+        async with mirror(place, manifest=manifest) as mir:
             for op in operations:
                 if op[0] == "sync":
                     await mir.sync()
                 else:
-                    apply_op(src, op)
+                    apply_op(place.src, op)
             await mir.sync()
             mir.assert_same()
         if manifest is not None:
             manifest.close()
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(
+    max_examples=40,
+    deadline=None,
+    # The request only fetches the session's ext4 mount: nothing to reset per example.
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(operations=st.lists(operation, max_size=25), with_manifest=st.booleans())
 def test_property_capture_then_apply_gives_the_same_tree(
-    operations: list[tuple[object, ...]], with_manifest: bool
+    backend: str,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    operations: list[tuple[object, ...]],
+    with_manifest: bool,
 ) -> None:
-    asyncio.run(replay(operations, with_manifest))
+    base = capture_base(backend, request, tmp_path)
+    asyncio.run(replay(backend, base, operations, with_manifest))
+
+
+# -- choosing a backend -------------------------------------------------------------------
+
+
+@pytest.mark.root
+def test_auto_picks_fanotify_on_a_mounted_ext4(
+    ext4: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO", logger="stead.replication.capture.factory"):
+        capture = make_capture({ROOT: ext4}, {}, None, "auto")
+    assert isinstance(capture, FanotifyCapture)
+    assert "capture: fanotify" in caplog.text
+    # A root that shares its file system: a filesystem mark would see unrelated writes.
+    (ext4 / "auto").mkdir(exist_ok=True)
+    with caplog.at_level("INFO", logger="stead.replication.capture.factory"):
+        shared = make_capture({ROOT: ext4 / "auto"}, {}, None, "auto")
+    assert isinstance(shared, InotifyCapture)
+    assert "not a mount point" in caplog.text
+
+
+def test_auto_falls_back_to_inotify_and_says_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO", logger="stead.replication.capture.factory"):
+        capture = make_capture({ROOT: tmp_path / "missing"}, {}, None, "auto")
+    assert isinstance(capture, InotifyCapture)
+    assert "capture: inotify" in caplog.text
+    assert "ENOENT" in (probe([str(tmp_path / "missing")]) or "")
+    assert isinstance(make_capture({ROOT: tmp_path}, {}, None, "inotify"), InotifyCapture)

@@ -1,13 +1,20 @@
-"""Capture racing renames: a directory renamed while capture still reads its backlog."""
+"""Capture racing renames: a directory renamed while capture still reads its backlog.
+
+Runs once per backend (see ``conftest.py``). The writer makes a backlog of about 16,000
+files; on a loaded machine the kernel queue may overflow first, and then a rescan (which
+cannot see deletions) is all a backend owes: the test skips rather than fail for that.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import sys
-from pathlib import Path
 
+import pytest
+
+from capturefs import Place
 from stead.replication.applier import Applier
-from stead.replication.capture.inotify import InotifyCapture
+from stead.replication.capture import make_capture
 from stead.replication.entries import Entry
 from stead.replication.filters import Filter
 from stead.replication.manifest import Manifest
@@ -26,12 +33,17 @@ os.rename(f"{src}/renamed/d7", f"{src}/d7")
 """
 
 
-async def test_directory_renamed_behind_the_backlog_loses_nothing(tmp_path: Path) -> None:
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    src.mkdir()
-    dst.mkdir()
-    manifest = Manifest(tmp_path / "manifest.db")
-    capture = InotifyCapture({"r": src}, {"r": Filter()}, manifest)
+async def test_directory_renamed_behind_the_backlog_loses_nothing(place: Place) -> None:
+    src, dst = place.src, place.dst
+    manifest = Manifest(dst.parent / "manifest.db")
+    overflows: list[int] = []
+    capture = make_capture(
+        {"r": src},
+        {"r": Filter()},
+        manifest,
+        "fanotify" if place.backend == "fanotify" else "inotify",
+        on_overflow=lambda: overflows.append(1),
+    )
     applier = Applier({"r": dst})
     sequence = 0
 
@@ -49,6 +61,8 @@ async def test_directory_renamed_behind_the_backlog_loses_nothing(tmp_path: Path
         writer = await asyncio.create_subprocess_exec(sys.executable, "-c", WRITER, str(src))
         assert await writer.wait() == 0
         await capture.drain()
+        if overflows:
+            pytest.skip("the kernel queue overflowed under load: nothing left to check")
         assert snapshot(dst) == snapshot(src)
     finally:
         task.cancel()

@@ -30,7 +30,8 @@ from stead.errors import (
 )
 from stead.replication import check
 from stead.replication.applier import Applier
-from stead.replication.capture.inotify import InotifyCapture
+from stead.replication.capture import make_capture
+from stead.replication.capture.core import EventCapture
 from stead.replication.capture.scan import initial_scan
 from stead.replication.entries import Entry
 from stead.replication.filters import Filter
@@ -64,7 +65,7 @@ class Agent:
         self.started = time.time()
         self.journal: Journal | None = None
         self.manifest: Manifest | None = None
-        self.capture: InotifyCapture | None = None
+        self.capture: EventCapture[Any] | None = None
         self.senders: dict[str, Sender] = {}
         self.receiver: Receiver | None = None
         self.appends = AppendLog()
@@ -161,7 +162,10 @@ class Agent:
             segment_bytes=segment_bytes(replication.journal_max),
         )
         self.manifest = Manifest(self.state_dir / "manifest.db", replication.block_size)
-        self.capture = InotifyCapture(self.roots, self.filters, self.manifest)
+        self.capture = make_capture(
+            self.roots, self.filters, self.manifest, backend=replication.capture
+        )
+        self.store.event("capture", f"capture backend: {type(self.capture).__name__}")
         self.capture.on_overflow = self._on_overflow
         first_start = not self.store.get("initial_scan_done", False)
         for peer in self.cluster.peers(self.me):

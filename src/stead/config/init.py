@@ -67,6 +67,7 @@ revoked_serials = []        # certificate serial numbers refused at the handshak
 
 [replication]
 fsync = "batch"             # journal and receive queue: always | batch (group commit) | never
+capture = "auto"            # auto: fanotify where the kernel and file systems allow, else inotify
 journal_max = "10GiB"       # a passive further behind is marked out of sync and checked
 block_size = "64KiB"        # block of the delta manifest and of the full system check
 batch_bytes = "4MiB"        # file data per replication frame

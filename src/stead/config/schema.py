@@ -98,6 +98,10 @@ class ReplicationSection(_Strict):
         default="batch",
         description="journal and receive queue: fsync every append, once per batch, or never",
     )
+    capture: Literal["auto", "fanotify", "inotify"] = Field(
+        default="auto",
+        description="change capture: fanotify where the kernel and file systems allow it",
+    )
     journal_max: Size = Field(default=10 * 1024**3)
     block_size: Size = Field(default=64 * 1024)
     batch_bytes: Size = Field(default=4 * 1024**2, description="bytes per replication frame")

@@ -29,7 +29,7 @@ from stead.replication.filters import Filter
 from stead.replication.manifest import HASH_SIZE, block_hash, read_blocks
 
 if TYPE_CHECKING:
-    from stead.replication.capture.inotify import InotifyCapture
+    from stead.replication.capture.core import EventCapture
     from stead.replication.sender import Sender
 
 PAGE = 5000
@@ -155,7 +155,7 @@ async def run_check(
     sender: Sender,
     roots: dict[str, Path],
     filters: dict[str, Filter],
-    capture: InotifyCapture,
+    capture: EventCapture[Any],
     block_size: int,
     fast: bool,
     emit: Callable[[list[Entry]], Awaitable[None]],

@@ -149,6 +149,9 @@ class FileReader:
         self.stats = stats or CaptureStats()
         self._links: OrderedDict[tuple[str, int, int], str] = OrderedDict()
         self._names: dict[tuple[str, str], tuple[str, int, int]] = {}
+        # Further names sent as LINK, so that a change seen through a name deleted before
+        # it was read can be read through another (see ``other_names``).
+        self._aliases: OrderedDict[tuple[str, str], tuple[str, int, int]] = OrderedDict()
 
     def entries(
         self, root: str, relpath: str, abspath: str, *, resend_linked: bool = True
@@ -191,15 +194,31 @@ class FileReader:
                 yield from self._file(root, first_name, root_abs + first_name, in_place=True)
             if self.manifest is not None:
                 self.manifest.forget(root, relpath)
+            self._aliases[(root, relpath)] = (root, st.st_dev, st.st_ino)
+            self._aliases.move_to_end((root, relpath))
+            while len(self._aliases) > self.link_map_size:
+                self._aliases.popitem(last=False)
             yield Entry(Op.LINK, root, relpath, target=first_name, **meta_of(st))
         else:
             log.debug("not replicating special file %s", abspath)
 
     def forget_path(self, root: str, relpath: str) -> None:
         """A path was deleted or renamed away: it no longer names the inode we sent."""
+        self._aliases.pop((root, relpath), None)
         key = self._names.pop((root, relpath), None)
         if key is not None:
             self._links.pop(key, None)
+
+    def other_names(self, root: str, relpath: str) -> list[str]:
+        """Other names under which the inode last sent as ``relpath`` was sent (hard links)."""
+        key = self._names.get((root, relpath)) or self._aliases.get((root, relpath))
+        if key is None:
+            return []
+        names = [name for (r, name), k in self._aliases.items() if k == key and r == root]
+        first = self._links.get(key)
+        if first is not None:
+            names.append(first)
+        return [name for name in names if name != relpath]
 
     def rename(self, root: str, old: str, new: str) -> None:
         """Follow a rename of a file or a whole directory tree in the hard-link map.
@@ -219,10 +238,19 @@ class FileReader:
             del self._names[(root, name)]
             self._names[(root, renamed)] = key
             self._links[key] = renamed
+        aliases = [
+            (name, key)
+            for (key_root, name), key in self._aliases.items()
+            if key_root == root and (name == old or name.startswith(prefix))
+        ]
+        for name, key in aliases:
+            del self._aliases[(root, name)]
+            self._aliases[(root, new + name[len(old) :])] = key
 
     def forget_links(self) -> None:
         self._links.clear()
         self._names.clear()
+        self._aliases.clear()
 
     def _first_name(
         self, root: str, relpath: str, root_abs: str, st: os.stat_result
