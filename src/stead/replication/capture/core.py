@@ -181,6 +181,7 @@ class EventCapture(CaptureBackend, Generic[K]):
         """
         if self._fileno is not None:
             return
+        raise_queue_limit(self.source)
         self._fileno = self._open()
         async with self._lock:
             await asyncio.to_thread(self._watch_everything)
@@ -574,3 +575,35 @@ def _take(
         if len(batch) >= max_entries or size >= max_bytes:
             break
     return batch
+
+
+QUEUE_SYSCTLS = {
+    "inotify": "/proc/sys/fs/inotify/max_queued_events",
+    "fanotify": "/proc/sys/fs/fanotify/max_queued_events",
+}
+QUEUE_EVENTS = 262_144  # a burst of ~100,000 new files fits; a few tens of MiB at worst
+
+
+def raise_queue_limit(source: str, wanted: int = QUEUE_EVENTS) -> int | None:
+    """Raise the kernel's event queue limit for new queues of ``source``, never lower it.
+
+    The default (16,384) overflows on a burst of a few thousand new files, and an overflow
+    costs a rescan and a check. The limit is read when the queue is created, so this runs
+    just before. Without the right to change it, the current limit stays (and is logged).
+    Returns the limit in force, or None when the kernel has no such setting.
+    """
+    path = QUEUE_SYSCTLS.get(source)
+    if path is None or not os.path.exists(path):
+        return None
+    try:
+        with open(path) as handle:
+            current = int(handle.read().strip())
+        if current >= wanted:
+            return current
+        with open(path, "w") as handle:
+            handle.write(str(wanted))
+        log.info("raised %s from %d to %d", path, current, wanted)
+        return wanted
+    except (OSError, ValueError) as exc:
+        log.warning("cannot raise %s (%s): bursts may overflow the event queue", path, exc)
+        return None
