@@ -13,7 +13,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -336,6 +336,20 @@ async def test_drain_returns_after_every_earlier_change(place: Place) -> None:
         assert mir.capture.stats.entries == 200
 
 
+@pytest.fixture
+def default_event_queue(place: Place) -> Iterator[None]:
+    """The kernel's default queue limit, whatever an agent raised it to (see
+    ``raise_queue_limit``); restored afterwards."""
+    path = Path(f"/proc/sys/fs/{place.backend}/max_queued_events")
+    before = path.read_text()
+    path.write_text("16384")
+    try:
+        yield
+    finally:
+        path.write_text(before)
+
+
+@pytest.mark.usefixtures("default_event_queue")
 async def test_start_scan_and_overflow_rescan(place: Place) -> None:
     src = place.src
     (src / "before").mkdir()

@@ -31,7 +31,7 @@ from stead.errors import (
 from stead.replication import check
 from stead.replication.applier import Applier
 from stead.replication.capture import make_capture
-from stead.replication.capture.core import EventCapture
+from stead.replication.capture.core import QUEUE_SYSCTLS, EventCapture, raise_queue_limit
 from stead.replication.capture.scan import initial_scan
 from stead.replication.entries import Entry
 from stead.replication.filters import Filter
@@ -162,6 +162,8 @@ class Agent:
             segment_bytes=segment_bytes(replication.journal_max),
         )
         self.manifest = Manifest(self.state_dir / "manifest.db", replication.block_size)
+        for source in QUEUE_SYSCTLS:
+            raise_queue_limit(source)
         self.capture = make_capture(
             self.roots, self.filters, self.manifest, backend=replication.capture
         )

@@ -181,7 +181,6 @@ class EventCapture(CaptureBackend, Generic[K]):
         """
         if self._fileno is not None:
             return
-        raise_queue_limit(self.source)
         self._fileno = self._open()
         async with self._lock:
             await asyncio.to_thread(self._watch_everything)
@@ -588,8 +587,9 @@ def raise_queue_limit(source: str, wanted: int = QUEUE_EVENTS) -> int | None:
     """Raise the kernel's event queue limit for new queues of ``source``, never lower it.
 
     The default (16,384) overflows on a burst of a few thousand new files, and an overflow
-    costs a rescan and a check. The limit is read when the queue is created, so this runs
-    just before. Without the right to change it, the current limit stays (and is logged).
+    costs a rescan and a check. The limit is read when a queue is created, so the agent
+    calls this before it creates its capture. Without the right to change it, the current
+    limit stays (and is logged).
     Returns the limit in force, or None when the kernel has no such setting.
     """
     path = QUEUE_SYSCTLS.get(source)
