@@ -72,6 +72,8 @@ class Agent:
         self._emit_lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._journal_dirty = asyncio.Event()
+        self._acked = asyncio.Event()  # set on every acknowledgement from any passive
+        self._emitted: asyncio.Queue[list[Entry]] = asyncio.Queue(maxsize=EMIT_QUEUE_BATCHES)
         self.capture_phase = ""
         self.scan_entries = 0
         self._clean = False
@@ -179,6 +181,7 @@ class Agent:
                 ssl_context=self.client_ssl,
                 epoch=lambda: self.epoch,
                 on_connected=self._peer_connected,
+                on_ack=self._acked.set,
             )
             if not first_start:
                 # Changes made while this agent was down are found by a check.
@@ -189,6 +192,7 @@ class Agent:
             self.senders[peer.name] = sender
         # Capture and the first scan run beside the API and the channel, so that a large
         # protected set does not keep `stead status` waiting.
+        tasks.create_task(self._journal_writer())
         tasks.create_task(self._capture(first_start))
         for sender in self.senders.values():
             tasks.create_task(sender.run())
@@ -220,17 +224,36 @@ class Agent:
             await self.emit(batch)
             count += len(batch)
             self.scan_entries = count
+        await self.flush_emitted()
         self.store.set("initial_scan_done", True)
         self.store.event("initial-scan", f"initial scan journaled {count} entries")
 
     async def emit(self, entries: list[Entry]) -> None:
-        """Append captured or repair entries to the journal: the one way bytes leave."""
-        if not entries:
-            return
+        """Hand captured or repair entries to the journal writer: the one way bytes leave.
+
+        Returns once the batch is queued (a few batches at most), so capture reads the next
+        files while the journal writes these; ``flush_emitted`` waits for the journal.
+        """
+        if entries:
+            await self._emitted.put(entries)
+
+    async def flush_emitted(self) -> None:
+        await self._emitted.join()
+
+    async def _journal_writer(self) -> None:
+        while True:
+            entries = await self._emitted.get()
+            try:
+                await self._append_entries(entries)
+            finally:
+                self._emitted.task_done()
+
+    async def _append_entries(self, entries: list[Entry]) -> None:
         journal = self.journal
         assert journal is not None
         async with self._emit_lock:
             nbytes = sum(e.payload_bytes() for e in entries) + 64 * len(entries)
+            await self._make_room(journal, nbytes)
             try:
                 _first, last = await asyncio.to_thread(self._append, journal, entries)
             except (JournalError, OSError) as exc:
@@ -250,25 +273,71 @@ class Agent:
             self.appends.record(last, nbytes, time.monotonic())
             self._journal_dirty.set()
 
+    async def _make_room(self, journal: Journal, incoming: int) -> None:
+        """Keep the bound from dropping records a connected passive is still taking.
+
+        The bound exists for passives that are gone or stuck; one that is connected and
+        acknowledging is waited for instead (capture slows to its pace), with what it has
+        persisted trimmed as it goes. After ``peer_timeout`` without room, the bound decides.
+        """
+        bound = self.cluster.replication.journal_max
+        if journal.total_bytes + incoming <= bound:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.cluster.channel.peer_timeout):
+                while journal.total_bytes + incoming > bound:
+                    connected = [s.state for s in self.senders.values() if s.state.connected]
+                    taking = [state for state in connected if state.persisted < journal.head]
+                    if not taking:
+                        return
+                    floor = min(state.persisted for state in connected)
+                    if floor >= journal.first:
+                        await asyncio.to_thread(journal.discard_through, floor)
+                        self.appends.forget_through(floor)
+                        if journal.total_bytes + incoming <= bound:
+                            return
+                    self._acked.clear()
+                    await self._acked.wait()
+
     def _append(self, journal: Journal, entries: list[Entry]) -> tuple[int, int]:
         return journal.append(self.epoch, entries)
 
     async def _sync_journal(self) -> None:
-        """Group commit of the journal, beside capture: one fsync covers every append made
-        while the previous one ran. Senders do not wait for it (replication is
-        asynchronous; after a crash the restart's full check covers an unsynced tail)."""
+        """Group commit of the journal, beside capture, for what no passive holds yet.
+
+        A record every passive has persisted is durable already (on the passives); only the
+        rest needs this node's disk. So the syncer gives the passives ``JOURNAL_SYNC_DELAY``
+        to acknowledge the head, and fsyncs only if some passive has not. Journal pages the
+        passives acknowledged in time are trimmed before the kernel writes them back, so
+        file data is not written to this disk a second time. After a crash the restart's
+        full check covers whatever was in neither place. Policy "always" syncs every append
+        in the journal itself; "never" never syncs.
+        """
         assert self.journal is not None
+        journal = self.journal
         while True:
             await self._journal_dirty.wait()
             self._journal_dirty.clear()
-            if self.cluster.replication.fsync == "batch":
-                try:
-                    await asyncio.to_thread(self.journal.sync)
-                except (JournalError, OSError) as exc:
-                    log.error("journal sync failed: %s", exc)
-                    self.journal_error = str(exc)
-                    for sender in self.senders.values():
-                        sender.state.require_check("full")
+            if self.cluster.replication.fsync != "batch":
+                continue
+            target = journal.head
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(JOURNAL_SYNC_DELAY):
+                    while not self._persisted_everywhere(target):
+                        self._acked.clear()
+                        await self._acked.wait()
+            if self._persisted_everywhere(target):
+                continue
+            try:
+                await asyncio.to_thread(journal.sync)
+            except (JournalError, OSError) as exc:
+                log.error("journal sync failed: %s", exc)
+                self.journal_error = str(exc)
+                for sender in self.senders.values():
+                    sender.state.require_check("full")
+
+    def _persisted_everywhere(self, seq: int) -> bool:
+        return all(s.state.connected and s.state.persisted >= seq for s in self.senders.values())
 
     def _on_overflow(self) -> None:
         for sender in self.senders.values():
@@ -337,6 +406,7 @@ class Agent:
         try:
             async with asyncio.timeout(timeout):
                 await self.capture.drain()
+                await self.flush_emitted()
                 async with self._emit_lock:
                     head = self.journal.head
         except TimeoutError:
@@ -488,6 +558,8 @@ class Agent:
 
 
 UNBOUNDED = 1 << 62
+EMIT_QUEUE_BATCHES = 4  # captured batches waiting for the journal writer (backpressure)
+JOURNAL_SYNC_DELAY = 1.0  # seconds the passives get to persist a record before we fsync it
 
 
 def segment_bytes(bound: int) -> int:

@@ -80,6 +80,7 @@ class Sender:
         ssl_context: ssl.SSLContext,
         epoch: Callable[[], int],
         on_connected: Callable[[PeerState], Coroutine[Any, Any, None]],
+        on_ack: Callable[[], None] | None = None,
     ) -> None:
         self.me = me
         self.peer = peer
@@ -88,6 +89,7 @@ class Sender:
         self.ssl_context = ssl_context
         self.epoch = epoch
         self.on_connected = on_connected
+        self.on_ack = on_ack
         self.state = PeerState(peer.name)
         self._conn: Connection | None = None
         self._pending: dict[int, asyncio.Future[m.Reply]] = {}
@@ -245,6 +247,8 @@ class Sender:
                     state.applied_changed.set()
                     state.applied_changed = asyncio.Event()
                 state.last_ack = now
+                if self.on_ack is not None:
+                    self.on_ack()
                 if message.out_of_sync and not state.checking and state.needs_check != "full":
                     state.require_check("full")
                     await self.on_connected(state)  # starts the check
