@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from typing import Any
@@ -72,6 +74,15 @@ def test_changes_reach_every_passive(lab: Any) -> None:
     for node in peers(built).values():
         assert node["state"] == "in sync"
         assert node["lag_seconds"] == 0
+    # On the host, outside every node, the CLI talks to the lab's active node.
+    host = subprocess.run(
+        [sys.executable, "-m", "stead", "status", "--json"],
+        env={**os.environ, "STEAD_LAB_DIR": str(built.dir), "STEAD_CONFIG_DIR": ""},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(host.stdout)["role"] == "active"
     # A check afterwards finds nothing to repair.
     report = check_json(built)
     assert report["state"] == "done"

@@ -139,11 +139,26 @@ class Lab:
         return self.paths(name).socket
 
     def active_socket(self) -> Path:
-        """API socket of the node whose agent is active.
+        """API socket of the node whose agent says it is active.
 
-        TODO(lead): ask each agent for its role; until then, the node configured as active.
+        Each agent is asked (briefly); when none answers as active, the node configured as
+        active, so that a command run while agents are down still names a sensible node.
         """
-        return self.socket_path(self._state().active)
+        from stead.cli.client import AgentClient
+        from stead.errors import SteadError
+
+        current = self._state()
+        for name in current.nodes:
+            socket_path = self.socket_path(name)
+            if not socket_path.exists():
+                continue
+            try:
+                status = AgentClient(socket_path, timeout=2.0).call("GET", "/v1/status")
+            except SteadError:
+                continue
+            if isinstance(status, dict) and status.get("role") == "active":
+                return socket_path
+        return self.socket_path(current.active)
 
     def node_fs_path(self, name: str) -> Path:
         """The node's protected path as seen from the host (through its holder's root)."""
