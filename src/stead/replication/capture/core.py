@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import ClassVar, Generic, TypeVar
 
 from stead.replication.capture.base import CaptureBackend, CaptureStats, Emit, FileReader, meta_of
-from stead.replication.capture.scan import BATCH_BYTES, BATCH_ENTRIES, scan_entries
+from stead.replication.capture.scan import scan_entries, take_batch
 from stead.replication.entries import Entry, Op
 from stead.replication.filters import Filter
 from stead.replication.manifest import Manifest
@@ -268,7 +268,7 @@ class EventCapture(CaptureBackend, Generic[K]):
         async with self._lock:
             items_iter = produce()
             while True:
-                batch = await asyncio.to_thread(_take, items_iter)
+                batch = await asyncio.to_thread(take_batch, items_iter)
                 if not batch:
                     break
                 await emit(batch)
@@ -495,7 +495,7 @@ class EventCapture(CaptureBackend, Generic[K]):
         emit = self._emit
         assert emit is not None
         while True:
-            batch = await asyncio.to_thread(_take, items)
+            batch = await asyncio.to_thread(take_batch, items)
             if not batch:
                 break
             await emit(batch)
@@ -561,19 +561,6 @@ class EventCapture(CaptureBackend, Generic[K]):
             self.reader.rename(entry.root, entry.path, entry.target)
             if self.manifest is not None:
                 self.manifest.rename(entry.root, entry.path, entry.target)
-
-
-def _take(
-    items: Iterator[Entry], max_entries: int = BATCH_ENTRIES, max_bytes: int = BATCH_BYTES
-) -> list[Entry]:
-    batch: list[Entry] = []
-    size = 0
-    for entry in items:
-        batch.append(entry)
-        size += entry.payload_bytes()
-        if len(batch) >= max_entries or size >= max_bytes:
-            break
-    return batch
 
 
 QUEUE_SYSCTLS = {

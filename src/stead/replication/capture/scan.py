@@ -69,6 +69,20 @@ def scan_entries(
             )
 
 
+def take_batch(
+    entries: Iterator[Entry], max_entries: int = BATCH_ENTRIES, max_bytes: int = BATCH_BYTES
+) -> list[Entry]:
+    """The next batch of ``entries``, bounded by count and payload bytes ([] at the end)."""
+    batch: list[Entry] = []
+    size = 0
+    for entry in entries:
+        batch.append(entry)
+        size += entry.payload_bytes()
+        if len(batch) >= max_entries or size >= max_bytes:
+            break
+    return batch
+
+
 def batched(
     entries: Iterator[Entry],
     *,
@@ -77,17 +91,7 @@ def batched(
     after_batch: Callable[[], None] | None = None,
 ) -> Iterator[list[Entry]]:
     """Group entries into batches bounded by count and payload bytes."""
-    batch: list[Entry] = []
-    size = 0
-    for entry in entries:
-        batch.append(entry)
-        size += entry.payload_bytes()
-        if len(batch) >= max_entries or size >= max_bytes:
-            yield batch
-            if after_batch is not None:
-                after_batch()
-            batch, size = [], 0
-    if batch:
+    while batch := take_batch(entries, max_entries, max_bytes):
         yield batch
         if after_batch is not None:
             after_batch()
