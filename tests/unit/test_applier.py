@@ -445,3 +445,17 @@ def test_out_of_sync_entry_is_skipped_and_reported_and_the_queue_moves_on(node: 
     assert (node.path / "after").read_bytes() == b"later entries still apply"
     assert not (node.path / "gone").exists()
     assert node.commits[-1] == 2
+
+
+def test_two_whole_versions_of_one_file_in_one_batch(node: Node) -> None:
+    node.run(
+        Entry(Op.FILE, ROOT, "a", data=b"one", size=3),
+        Entry(Op.RENAME, ROOT, "a", target="b"),
+        Entry(Op.FILE, ROOT, "a", data=b"two!", size=4, mode=0o600, mtime_ns=10**18),
+        Entry(Op.FILE, ROOT, "a", data=b"three", size=5, mode=0o640, mtime_ns=2 * 10**18),
+    )
+    assert (node.path / "b").read_bytes() == b"one"
+    assert (node.path / "a").read_bytes() == b"three"
+    st = (node.path / "a").stat()
+    assert (st.st_mode & 0o777, st.st_mtime_ns) == (0o640, 2 * 10**18)
+    assert not node.refused

@@ -68,6 +68,10 @@ class AgentClient:
             ) from None
         except TimeoutError:
             raise TimeoutExpired(f"no answer from the agent within {conn.timeout} s") from None
+        except http.client.HTTPException as exc:
+            raise AgentUnavailable(
+                f"not an agent's answer: {exc!r}", where=self.socket_path
+            ) from None
         except OSError as exc:
             raise AgentUnavailable(str(exc), where=self.socket_path) from None
         finally:

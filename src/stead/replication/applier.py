@@ -252,6 +252,11 @@ class Applier:
                         continue  # phase 2 reports it in order
                 try:
                     _pwrite_all(fd, entry.data, entry.offset)
+                    if entry.first and entry.last:
+                        # A whole file in one entry: finish it here, while it is open, so
+                        # that phase 2 only renames it into place.
+                        os.ftruncate(fd, entry.size)
+                        _set_meta_fd(fd, entry, DEFAULT_FILE_MODE)
                     if self._syncfs is None:
                         os.fsync(fd)
                 finally:
@@ -356,6 +361,9 @@ class Applier:
         raise OutOfSync(f"entry {seq} ({entry.op} {entry.path!r} in {entry.root!r}): {why}")
 
     def _file(self, seq: int, entry: Entry, root: _Root) -> None:
+        if entry.first and entry.last:
+            self._whole_file(seq, entry, root)
+            return
         if not entry.last:
             if not _exists(entry, root):
                 raise OutOfSync(f"entry {seq}: no staging file for part of {entry.path!r}")
@@ -382,6 +390,21 @@ class Applier:
             os.link(name, tmp, src_dir_fd=root.staging_fd, dst_dir_fd=root.staging_fd)
             os.rename(tmp, final, src_dir_fd=root.staging_fd, dst_dir_fd=parent_fd)
         self._finalized[(root.key, name)] = seq
+        self.stats.files_written += 1
+
+    def _whole_file(self, seq: int, entry: Entry, root: _Root) -> None:
+        """A file whose data travelled in this one entry: rename its staging file in.
+
+        No staging link is kept for replay: replaying the entry writes the staging file
+        again from the entry's own data (phase 1), so the rename is safe to repeat.
+        """
+        name = _staging_name(entry)
+        parent_fd, final = root.dir.open_parent(entry.path, create_missing=True)
+        self._clear_dir(root, parent_fd, final, entry.path, lstat_at(parent_fd, final))
+        try:
+            os.rename(name, final, src_dir_fd=root.staging_fd, dst_dir_fd=parent_fd)
+        except FileNotFoundError:
+            raise OutOfSync(f"entry {seq}: no staging file for {entry.path!r}") from None
         self.stats.files_written += 1
 
     def _delta(self, seq: int, entry: Entry, root: _Root) -> None:
