@@ -336,3 +336,17 @@ def test_passive_missing_a_file_asks_for_a_check(lab: Any) -> None:
     assert_converged(built)
     events = AgentClient(built.socket_path("secondary")).call("GET", "/v1/events?limit=100")
     assert any(e["kind"] == "out-of-sync" for e in events), events
+
+
+def test_check_skips_a_disconnected_passive_and_says_so(lab: Any) -> None:
+    built: Lab = lab(3)
+    wait_connected(built)
+    built.stop("tertiary")
+    wait_until(lambda: peers(built)["tertiary"]["state"] == "disconnected", 30, "the stop")
+    result = stead(built, "primary", "check")
+    assert result.returncode == 0, result.stderr
+    assert "tertiary is not connected" in result.stdout
+    assert "full check of secondary" in result.stdout
+    alone = stead(built, "primary", "check", "--node", "tertiary")
+    assert alone.returncode != 0
+    assert "not connected" in alone.stderr

@@ -437,15 +437,19 @@ class Agent:
     def start_check(self, *, node: str | None, fast: bool) -> Job:
         if self.role != "active":
             raise UsageError(f"{self.me} is passive; run the check on the active node")
-        targets = [node] if node else list(self.senders)
+        if node is not None and node not in self.senders:
+            raise UsageError(f"{node!r} is not a passive of this cluster")
+        candidates = [node] if node else list(self.senders)
+        targets = [n for n in candidates if self.senders[n].state.connected]
+        if not targets:
+            raise UsageError(f"{' and '.join(candidates)}: not connected, nothing to check")
         for name in targets:
-            if name not in self.senders:
-                raise UsageError(f"{name!r} is not a passive of this cluster")
             if self.senders[name].state.checking:
                 raise UsageError(f"a check of {name} is already running")
         for name in targets:
             self.senders[name].state.checking = True  # claimed now: no overlapping checks
-        job = self.jobs.create("check", {"nodes": targets, "fast": fast})
+        skipped = [n for n in candidates if n not in targets]
+        job = self.jobs.create("check", {"nodes": targets, "fast": fast, "skipped": skipped})
         job.task = asyncio.get_running_loop().create_task(self._run_check(job, targets, fast))
         return job
 

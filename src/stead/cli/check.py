@@ -69,6 +69,8 @@ def check(
 def _print_report(job: dict[str, Any]) -> None:
     console = Console()
     kind = "fast" if job["params"]["fast"] else "full"
+    for name in job["params"].get("skipped", []):
+        console.print(f"[yellow]{name} is not connected: not checked[/yellow]")
     for name, report in job["result"].items():
         diffs = report["differences"]
         console.print(
