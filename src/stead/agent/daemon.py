@@ -77,6 +77,7 @@ class Agent:
         self.capture_phase = ""
         self.scan_entries = 0
         self._clean = False
+        self._unflushed = False
         self.journal_error = ""
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -104,6 +105,13 @@ class Agent:
                     await self._stop.wait()
                 finally:
                     log.info("%s stopping", self.me)
+                    if self.journal is not None:
+                        # What capture handed over reaches the journal before a clean stop.
+                        try:
+                            async with asyncio.timeout(STOP_FLUSH_TIMEOUT):
+                                await self.flush_emitted()
+                        except TimeoutError:
+                            self._unflushed = True  # the next start runs a full check
                     await api.cleanup()
                     for server in servers:
                         server.close()
@@ -111,7 +119,7 @@ class Agent:
                         await server.wait_closed()
                     raise _Stopping
         except* _Stopping:
-            self._clean = True
+            self._clean = not self._unflushed
         finally:
             self._close()
 
@@ -562,6 +570,7 @@ class Agent:
 
 
 UNBOUNDED = 1 << 62
+STOP_FLUSH_TIMEOUT = 10.0
 EMIT_QUEUE_BATCHES = 4  # captured batches waiting for the journal writer (backpressure)
 JOURNAL_SYNC_DELAY = 1.0  # seconds the passives get to persist a record before we fsync it
 

@@ -264,18 +264,20 @@ class EventCapture(CaptureBackend, Generic[K]):
                 self.reader.forget_path(root, relpath)
                 yield from self.reader.entries(root, relpath, abspath)
 
-        count = 0
         async with self._lock:
-            items_iter = produce()
-            while True:
-                batch = await asyncio.to_thread(take_batch, items_iter)
-                if not batch:
-                    break
-                await emit(batch)
-                self.stats.count(batch)
-                count += len(batch)
-            if self.manifest is not None:
-                await asyncio.to_thread(self.manifest.commit)
+            return await self._emit_all(produce(), emit)
+
+    async def _emit_all(self, items: Iterator[Entry], emit: Emit) -> int:
+        """Read and emit ``items`` batch by batch (reading in a worker thread), then commit
+        the manifest records they describe; lock held by the caller."""
+        count = 0
+        while batch := await asyncio.to_thread(take_batch, items):
+            await emit(batch)
+            self.stats.count(batch)
+            count += len(batch)
+        if self.manifest is not None:
+            # Only now has the agent taken the entries the records describe.
+            await asyncio.to_thread(self.manifest.commit)
         return count
 
     def _due(self, now: float) -> bool:
@@ -491,18 +493,9 @@ class EventCapture(CaptureBackend, Generic[K]):
         self._deadline = None
         if rescan:
             pending = {}
-        items = self._entries(work, pending, rescan)
         emit = self._emit
         assert emit is not None
-        while True:
-            batch = await asyncio.to_thread(take_batch, items)
-            if not batch:
-                break
-            await emit(batch)
-            self.stats.count(batch)
-        if self.manifest is not None:
-            # Only now are the entries the records describe in the journal.
-            await asyncio.to_thread(self.manifest.commit)
+        await self._emit_all(self._entries(work, pending, rescan), emit)
 
     def _entries(
         self, work: list[_Work], pending: dict[tuple[str, str], int], rescan: bool
