@@ -304,3 +304,22 @@ def test_up_writes_each_node_its_configuration(lab: Any) -> None:
         assert {"cluster.toml", "ca.pem", "node.pem", "node.key"} <= {p.name for p in etc.iterdir()}
     cluster = tomllib.loads((built.dir / "primary" / "etc" / "cluster.toml").read_text())
     assert "198.18.0.12" in json.dumps(cluster)
+
+
+@pytest.mark.root
+@pytest.mark.cluster
+def test_nftables_drop_without_netem(lab: Any) -> None:
+    built: Lab = lab(3, agent_cmd=STANDIN, wait_ready=True, skip_init=True)
+    built.drop("secondary", 100)
+    assert not reach(built, "primary", "secondary", wait=0)
+    assert reach(built, "primary", "tertiary", wait=5)  # only that node's frames
+    built.drop("secondary", 0)
+    assert reach(built, "primary", "secondary", wait=10)
+    built.drop("tertiary", 30)
+    with pytest.raises(LabError, match="between 0 and 100"):
+        built.drop("tertiary", 150)
+    built.down()
+    listed = subprocess.run(
+        ["nft", "list", "table", "bridge", netns.NFT_TABLE], capture_output=True, check=False
+    )
+    assert listed.returncode != 0, "down leaves no nftables table behind"

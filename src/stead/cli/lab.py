@@ -135,6 +135,16 @@ def partition(node: NodeArgument, directory: DirOption = None) -> None:
 
 
 @app.command()
+def drop(
+    node: NodeArgument,
+    percent: Annotated[float, typer.Argument(help="Frames to drop, 0-100 (0 clears).")],
+    directory: DirOption = None,
+) -> None:
+    """Drop a share of the node's frames at random (nftables; works where netem is absent)."""
+    _lab(directory).drop(node, percent)
+
+
+@app.command()
 def heal(
     node: Annotated[str | None, typer.Argument(help="Node to reconnect (default: all).")] = None,
     directory: DirOption = None,

@@ -102,5 +102,6 @@ def sweep_all() -> list[str]:
     if netns.link_exists(netns.BRIDGE):
         netns.remove_bridge()
         removed.append(f"bridge {netns.BRIDGE}")
+    netns.clear_drop()
     release()
     return removed

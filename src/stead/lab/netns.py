@@ -239,3 +239,46 @@ def lab_loop_devices() -> list[str]:
         if str(dev.get("back-file") or "").removesuffix(" (deleted)").endswith("/disk.img")
         and Path(str(dev.get("back-file"))).parent.joinpath(".stead-lab-node").exists()
     ]
+
+
+NFT_TABLE = "stead_lab"  # a bridge-family table: frames between lab veths pass its forward hook
+
+
+def set_drop(veth: str, loss_pct: float) -> None:
+    """Drop ``loss_pct`` % of the frames to and from one node, at random (nftables).
+
+    For kernels without netem. ``loss_pct`` 0 removes the node's rule; 100 cuts it off
+    without taking its link down. The table holds one chain and the rules of every node.
+    """
+    if not 0 <= loss_pct <= 100:
+        raise LabError(f"loss must be between 0 and 100 %, not {loss_pct}")
+    clear_drop(veth)
+    if loss_pct == 0:
+        return
+    run(["nft", "add", "table", "bridge", NFT_TABLE])
+    run(
+        [
+            "nft", "add", "chain", "bridge", NFT_TABLE, "forward",
+            "{ type filter hook forward priority 0 ; policy accept ; }",
+        ]
+    )  # fmt: skip
+    threshold = round(loss_pct * 100)  # in hundredths of a percent
+    chance = [] if threshold >= 10000 else ["numgen", "random", "mod", "10000", "<", str(threshold)]
+    for direction in ("iifname", "oifname"):
+        rule = ["nft", "add", "rule", "bridge", NFT_TABLE, "forward", direction, veth]
+        run([*rule, *chance, "drop", "comment", f'"{veth}"'])
+
+
+def clear_drop(veth: str | None = None) -> None:
+    """Remove the drop rules of one node, or the whole table (``veth`` None)."""
+    if subprocess.run(["nft", "list", "table", "bridge", NFT_TABLE], capture_output=True,
+                      check=False).returncode != 0:  # fmt: skip
+        return
+    if veth is None:
+        run(["nft", "delete", "table", "bridge", NFT_TABLE], check=False)
+        return
+    listing = run(["nft", "-a", "list", "chain", "bridge", NFT_TABLE, "forward"], check=False)
+    for line in listing.splitlines():
+        if f'comment "{veth}"' in line and "# handle " in line:
+            handle = line.rsplit("# handle ", 1)[1].strip()
+            run(["nft", "delete", "rule", "bridge", NFT_TABLE, "forward", "handle", handle])

@@ -234,6 +234,7 @@ class Lab:
                 procs.kill_pids(stray)
             if not [link for link in netns.list_lab_links() if link != netns.BRIDGE]:
                 netns.remove_bridge()
+                netns.clear_drop()
             state.remove(self.dir)
             cleanup.release(self.dir)
 
@@ -447,6 +448,11 @@ class Lab:
     def netem(self, name: str, delay_ms: float = 0, loss_pct: float = 0) -> None:
         """Delay and drop packets towards the node; ``netem(node)`` clears it."""
         netns.set_netem(self._node(name).veth, delay_ms, loss_pct)
+
+    def drop(self, name: str, loss_pct: float) -> None:
+        """Drop ``loss_pct`` % of the node's frames at random (nftables; works without
+        netem); ``drop(node, 0)`` clears it."""
+        netns.set_drop(self._node(name).veth, loss_pct)
 
     # -- process and disk faults ---------------------------------------------------------
 
