@@ -60,3 +60,11 @@ def test_every_error_has_its_own_exit_code_and_template() -> None:
     assert len(codes) == len(set(codes)), "exit codes must be unique"
     for cls in classes:
         assert cls.__doc__, f"{cls.__name__} needs a message template"
+
+
+def test_readme_lists_every_error_and_exit_code() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    for cls in all_errors():
+        template = (cls.__doc__ or "").strip().splitlines()[0]
+        row = f"| {cls.exit_code} | `{cls.__name__}` | {template} |"
+        assert row in readme, f"README's exit-code table lacks {cls.__name__}"
