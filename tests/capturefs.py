@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,3 +32,16 @@ def capture_base(backend: str, request: pytest.FixtureRequest, fallback: Path) -
     base.mkdir()
     request.addfinalizer(lambda: shutil.rmtree(base, ignore_errors=True))
     return base
+
+
+@contextlib.contextmanager
+def event_queue_limit(backend: str, limit: int) -> Iterator[None]:
+    """The kernel's event queue limit for ``backend`` set to ``limit``, restored afterwards
+    (agents raise it machine-wide; a test that counts on a limit sets its own)."""
+    path = Path(f"/proc/sys/fs/{backend}/max_queued_events")
+    before = path.read_text()
+    path.write_text(str(limit))
+    try:
+        yield
+    finally:
+        path.write_text(before)

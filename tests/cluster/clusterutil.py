@@ -114,3 +114,9 @@ def set_cluster_option(lab: Lab, old: str, new: str) -> None:
         lab.stop(node)
     for node in lab.nodes:
         lab.start(node)
+
+
+def assert_event(lab: Lab, node: str, kind: str) -> None:
+    """The node's agent recorded an event of ``kind`` among its latest hundred."""
+    events = AgentClient(lab.socket_path(node), timeout=10).call("GET", "/v1/events?limit=100")
+    assert any(e["kind"] == kind for e in events), events

@@ -12,6 +12,7 @@ import pytest
 from clusterutil import (
     agent_log,
     assert_converged,
+    assert_event,
     check_json,
     peers,
     py,
@@ -24,7 +25,6 @@ from clusterutil import (
     wait_until,
 )
 
-from stead.cli.client import AgentClient
 from stead.lab import Lab
 
 pytestmark = [pytest.mark.root, pytest.mark.cluster]
@@ -307,8 +307,7 @@ def test_passive_beyond_the_journal_bound_is_reset_and_checked(lab: Any) -> None
     wait_until(lambda: peers(built)["secondary"]["state"] == "in sync", 120, "reset and full check")
     wait_sync(built)
     assert_converged(built)
-    events = AgentClient(built.socket_path("primary")).call("GET", "/v1/events?limit=100")
-    assert any(e["kind"] == "check" for e in events), events
+    assert_event(built, "primary", "check")
 
 
 def test_passive_missing_a_file_asks_for_a_check(lab: Any) -> None:
@@ -334,8 +333,7 @@ def test_passive_missing_a_file_asks_for_a_check(lab: Any) -> None:
     )
     wait_sync(built)
     assert_converged(built)
-    events = AgentClient(built.socket_path("secondary")).call("GET", "/v1/events?limit=100")
-    assert any(e["kind"] == "out-of-sync" for e in events), events
+    assert_event(built, "secondary", "out-of-sync")
 
 
 def test_check_skips_a_disconnected_passive_and_says_so(lab: Any) -> None:

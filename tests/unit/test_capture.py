@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from capturefs import BACKENDS, Place, capture_base
+from capturefs import BACKENDS, Place, capture_base, event_queue_limit
 from stead.replication.applier import Applier
 from stead.replication.capture import make_capture
 from stead.replication.capture.base import FileReader
@@ -338,15 +338,9 @@ async def test_drain_returns_after_every_earlier_change(place: Place) -> None:
 
 @pytest.fixture
 def default_event_queue(place: Place) -> Iterator[None]:
-    """The kernel's default queue limit, whatever an agent raised it to (see
-    ``raise_queue_limit``); restored afterwards."""
-    path = Path(f"/proc/sys/fs/{place.backend}/max_queued_events")
-    before = path.read_text()
-    path.write_text("16384")
-    try:
+    """The kernel's default queue limit, whatever an agent raised it to."""
+    with event_queue_limit(place.backend, 16384):
         yield
-    finally:
-        path.write_text(before)
 
 
 @pytest.mark.usefixtures("default_event_queue")

@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from capturefs import Place
+from capturefs import Place, event_queue_limit
 from stead.replication.applier import Applier
 from stead.replication.capture import make_capture
-from stead.replication.capture.core import raise_queue_limit
+from stead.replication.capture.core import QUEUE_EVENTS
 from stead.replication.entries import Entry
 from stead.replication.filters import Filter
 from stead.replication.manifest import Manifest
@@ -38,13 +37,8 @@ os.rename(f"{src}/renamed/d7", f"{src}/d7")
 
 @pytest.fixture
 def agent_event_queue(place: Place) -> Iterator[None]:
-    path = Path(f"/proc/sys/fs/{place.backend}/max_queued_events")
-    before = path.read_text()
-    raise_queue_limit(place.backend)
-    try:
+    with event_queue_limit(place.backend, QUEUE_EVENTS):
         yield
-    finally:
-        path.write_text(before)
 
 
 @pytest.mark.usefixtures("agent_event_queue")
