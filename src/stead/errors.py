@@ -7,6 +7,7 @@ can tell failures apart. ``retryable`` says whether trying the same thing again 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 
@@ -117,6 +118,34 @@ class LabError(SteadError):
     """Lab error: {message}"""
 
     exit_code = 60
+
+
+class IdentityError(SteadError):
+    """Identity error: {message}"""
+
+    exit_code = 70
+
+
+class ServiceError(SteadError):
+    """Service {service}: {message}"""
+
+    exit_code = 80
+    retryable = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        service: str,
+        command: Sequence[str] = (),
+        returncode: int | None = None,
+        output: str = "",
+    ) -> None:
+        self.service = service
+        self.command = tuple(command)
+        self.returncode = returncode
+        self.output = output
+        super().__init__(message, service=service)
 
 
 def all_errors() -> list[type[SteadError]]:
