@@ -45,6 +45,7 @@ def render_cluster(
     node_blocks = "\n".join(
         f"[[nodes]]\nname = {_q(n.name)}\naddresses = [{', '.join(_q(a) for a in n.addresses)}]"
         f"\npriority = {100 + i * 10}   # lower is preferred as a successor\n"
+        "automatic_failover = true   # false: this node takes over only when an operator says\n"
         for i, n in enumerate(nodes)
     )
     return f"""\
@@ -58,7 +59,7 @@ active = {_q(active)}          # the node that is active when the cluster first 
 
 [channel]
 port = 7400                 # TCP port of the mutual-TLS channel on every node address
-heartbeat = 1.0             # seconds between heartbeats
+heartbeat = 0.5             # seconds between heartbeats, sent on every channel address
 peer_timeout = 5.0          # seconds of silence before a peer counts as lost (>= 3 heartbeats)
 connect_timeout = 5.0
 max_frame = "64MiB"         # largest frame a peer may send
@@ -72,6 +73,35 @@ journal_max = "10GiB"       # a passive further behind is marked out of sync and
 block_size = "64KiB"        # block of the delta manifest and of the full system check
 batch_bytes = "4MiB"        # file data per replication frame
 receive_memory = "64MiB"    # a passive applies this much straight from memory, then queues
+
+[failover]
+timeout = 2.5               # active silent on every channel this long: a passive takes over
+                            # (>= 4 heartbeats; the active fences itself after half of it)
+automatic = true            # false: only `stead failover --to NODE` moves the role after a loss
+require_sync = true         # a passive that is not in sync never takes over by itself
+public_check = true         # no failover while the active still answers on the public network
+self_fence = true           # an active cut off from every channel and witness turns passive
+witnesses = []              # "IP" (ICMP echo) or "IP:PORT" (TCP): the gateway, for example
+network_switchover = true   # active loses every witness, a passive reaches them: switch over
+
+[public]                    # the identity clients use; the active holds it
+hostname = ""               # host name of the active ("" leaves host names alone)
+addresses = []              # e.g. [{{ address = "198.51.100.10/24", interface = "eth0" }}]
+service_port = 0            # TCP port that answers on the public address (0: ICMP echo)
+
+[hooks]                     # argv lists run around each role change, e.g. [["/usr/local/bin/x"]]
+before_active = []
+after_active = []
+before_passive = []
+after_passive = []
+
+# [[services]]              # protected services, started in this order on the active only
+# name = "web"
+# unit = "nginx.service"    # or exec = [argv] (supervised) or start/stop/status = [argv]
+# [[services.checks]]
+# kind = "http"             # systemd | tcp | http | command
+# url = "http://127.0.0.1/"
+# actions = ["restart", "restart", "switchover"]
 
 {protected}
 {node_blocks}"""

@@ -21,6 +21,8 @@ from pydantic import (
     model_validator,
 )
 
+from stead.services.config import ServiceSpec
+
 _SIZE_UNITS = {
     "": 1,
     "b": 1,
@@ -40,6 +42,7 @@ _SIZE_UNITS = {
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 FILE_PART_BYTES = 4 * 1024**2  # the largest file part or delta a journal record carries
 NODE_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+HOSTNAME_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*$")
 
 
 def parse_size(value: object) -> int:
@@ -72,7 +75,9 @@ class ClusterSection(_Strict):
 
 class ChannelSection(_Strict):
     port: int = Field(default=7400, ge=1, le=65535)
-    heartbeat: float = Field(default=1.0, gt=0, le=60, description="seconds between heartbeats")
+    heartbeat: float = Field(
+        default=0.5, gt=0, le=60, description="seconds between heartbeats on every channel"
+    )
     peer_timeout: float = Field(
         default=5.0, gt=0, le=600, description="seconds of silence after which a peer is lost"
     )
@@ -126,6 +131,116 @@ class ReplicationSection(_Strict):
         return value
 
 
+class FailoverSection(_Strict):
+    """When a passive takes over by itself, and when an active gives up by itself."""
+
+    timeout: float = Field(
+        default=2.5,
+        gt=0,
+        le=600,
+        description="seconds the active must be silent on every channel before a passive "
+        "takes over; the active fences itself after half of it",
+    )
+    automatic: bool = Field(default=True, description="automatic failover at all")
+    require_sync: bool = Field(
+        default=True, description="a passive that is not in sync never takes over by itself"
+    )
+    public_check: bool = Field(
+        default=True,
+        description="no failover while the active still answers on the public network",
+    )
+    self_fence: bool = Field(
+        default=True,
+        description="an active that loses every channel and every witness makes itself passive",
+    )
+    witnesses: list[str] = Field(
+        default_factory=list,
+        description="addresses that prove a node is on the network: 'IP' (ICMP echo) or "
+        "'IP:PORT' (TCP connect), for example the gateway",
+    )
+    network_switchover: bool = Field(
+        default=True,
+        description="switch over when the active loses every witness while a passive reaches them",
+    )
+
+    @field_validator("witnesses")
+    @classmethod
+    def _witnesses(cls, value: list[str]) -> list[str]:
+        for target in value:
+            parse_witness(target)
+        return value
+
+
+def parse_witness(target: str) -> tuple[str, int | None]:
+    """'198.18.0.1' -> (address, None); '198.18.0.1:80' or '[::1]:80' -> (address, 80)."""
+    host, port = target, None
+    if target.startswith("["):
+        host, sep, rest = target[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"witness {target!r}: use IP, IP:PORT or [IPv6]:PORT")
+        port_text = rest[1:] if rest else ""
+    elif target.count(":") == 1:
+        host, port_text = target.split(":")
+    else:
+        port_text = ""
+    if port_text:
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise ValueError(f"witness {target!r}: the port must be 1-65535")
+        port = int(port_text)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"witness {target!r}: {host!r} is not an IP address") from None
+    return host, port
+
+
+class PublicAddress(_Strict):
+    address: str = Field(description="service address with prefix length, e.g. 198.51.100.10/24")
+    interface: str = Field(min_length=1, max_length=15, description="interface that carries it")
+
+    @field_validator("address")
+    @classmethod
+    def _cidr(cls, value: str) -> str:
+        if "/" not in value:
+            raise ValueError(f"{value!r}: give the prefix length too, e.g. {value}/24")
+        try:
+            ipaddress.ip_interface(value)
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not an address with prefix: {exc}") from None
+        return value
+
+
+class PublicSection(_Strict):
+    """The identity clients use; whichever node is active holds it."""
+
+    hostname: str = Field(default="", max_length=63, description="host name of the active")
+    addresses: list[PublicAddress] = Field(default_factory=list)
+    service_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="a TCP port of the service, used to see whether the active still answers "
+        "on the public network (0: ICMP echo of the first address)",
+    )
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, value: str) -> str:
+        if value and not HOSTNAME_RE.match(value):
+            raise ValueError(f"{value!r} is not a host name (letters, digits, '-' and '.')")
+        return value
+
+
+class HooksSection(_Strict):
+    """Commands run around each role change (argv lists; a non-zero exit is reported)."""
+
+    before_active: list[list[str]] = Field(default_factory=list)
+    after_active: list[list[str]] = Field(default_factory=list)
+    before_passive: list[list[str]] = Field(default_factory=list)
+    after_passive: list[list[str]] = Field(default_factory=list)
+    timeout: float = Field(default=30.0, gt=0, le=3600)
+
+
 class ProtectedPath(_Strict):
     path: str
     include: list[str] = Field(default_factory=lambda: ["**"])
@@ -143,7 +258,10 @@ class ProtectedPath(_Strict):
 class NodeSection(_Strict):
     name: str
     addresses: list[str] = Field(min_length=1, description="channel addresses of this node")
-    priority: int = Field(default=100, ge=0, le=1000)
+    priority: int = Field(default=100, ge=0, le=1000, description="lower is preferred")
+    automatic_failover: bool = Field(
+        default=True, description="a failover to this node may happen without an operator"
+    )
 
     @field_validator("name")
     @classmethod
@@ -167,6 +285,10 @@ class ClusterConfig(_Strict):
     cluster: ClusterSection
     channel: ChannelSection = Field(default_factory=ChannelSection)
     replication: ReplicationSection = Field(default_factory=ReplicationSection)
+    failover: FailoverSection = Field(default_factory=FailoverSection)
+    public: PublicSection = Field(default_factory=PublicSection)
+    hooks: HooksSection = Field(default_factory=HooksSection)
+    services: list[ServiceSpec] = Field(default_factory=list)
     protected: list[ProtectedPath] = Field(min_length=1)
     nodes: list[NodeSection] = Field(min_length=2)
 
@@ -185,6 +307,15 @@ class ClusterConfig(_Strict):
                 f"(replication.batch_bytes) or a 4 MiB file part, plus 1 MiB: at least "
                 f"{largest_record} bytes"
             )
+        if self.failover.timeout < 4 * self.channel.heartbeat:
+            raise ValueError(
+                f"failover.timeout ({self.failover.timeout} s) must be at least 4 heartbeats "
+                f"({4 * self.channel.heartbeat} s): the active fences itself after half of it, "
+                "and needs two heartbeats to see that it is cut off"
+            )
+        names = [service.name for service in self.services]
+        if len(set(names)) != len(names):
+            raise ValueError("service names must be unique")
         paths = [PurePosixPath(p.path) for p in self.protected]
         for i, a in enumerate(paths):
             for b in paths[i + 1 :]:
