@@ -14,8 +14,10 @@ from typing import Any
 
 import pytest
 
+from stead.config.load import load, load_cluster
 from stead.errors import LabError
 from stead.lab import Lab, netns, procs
+from stead.lab.config import Timing, lab_settings
 from stead.lab.nodes import node_names, parse_size
 
 STANDIN = "{python} -m stead.lab.standin --socket {socket}"
@@ -88,8 +90,69 @@ def test_node_names_and_sizes() -> None:
 def test_interface_names_fit_the_kernel_limit() -> None:
     assert netns.veth_name("secondary", 1) == "stv-secondary"
     assert netns.veth_name("a-very-long-node-name", 6) == "stv-7"
+    assert netns.pub_veth_name("secondary", 1) == "stv-p-secondary"
+    assert netns.pub_veth_name("node10", 9) == "stv-p-node10"
+    assert netns.pub_veth_name("a-very-long-node-name", 6) == "stv-p-7"
+    assert netns.client_veth() == "stv-client"
+    # Every host-side name starts with the prefix that `stead lab down --all` sweeps.
+    assert all(
+        len(name) <= netns.IFNAMSIZ and name.startswith(netns.VETH_PREFIX)
+        for name in (netns.pub_veth_name("tertiary", 2), netns.client_veth())
+    )
+
+
+def test_address_plan() -> None:
     assert netns.node_address(0) == "198.18.0.11"
     assert netns.node_address(2) == "198.18.0.13"
+    assert netns.node_public_address(0) == "198.19.0.11"
+    assert netns.node_public_address(2) == "198.19.0.13"
+    # .100 is the service address, which only the active agent puts on its pub0.
+    assert netns.node_public_address(88) == "198.19.0.99"
+    assert netns.node_public_address(89) == "198.19.0.101"
+    assert len({netns.node_public_address(i) for i in range(200)}) == 200
+    assert netns.SERVICE_ADDRESS not in {netns.node_public_address(i) for i in range(200)}
+    assert (netns.PUB_GATEWAY, netns.CLIENT_ADDRESS) == ("198.19.0.1", "198.19.0.2")
+    with pytest.raises(LabError, match="no address left"):
+        netns.node_public_address(244)
+
+
+def init_cluster(out: Path) -> str:
+    """``stead init`` for a two-node lab, as the lab runs it; returns its cluster.toml."""
+    argv = [sys.executable, "-m", "stead", "init", "--cluster-name", "lab", "--out", str(out)]
+    argv += ["--node", "primary=198.18.0.11", "--node", "secondary=198.18.0.12"]
+    argv += ["--active", "primary", "--protect", "/srv/lab", "--force"]
+    subprocess.run(argv, check=True, capture_output=True)
+    return (out / "cluster.toml").read_text()
+
+
+def test_lab_settings_make_a_cluster_configuration_the_schema_accepts(tmp_path: Path) -> None:
+    text = lab_settings(init_cluster(tmp_path), protect="/srv/lab")
+    (tmp_path / "lab.toml").write_text(text)
+    cluster = load_cluster(tmp_path / "lab.toml")
+    assert cluster.failover.witnesses == ["198.19.0.1"]
+    assert cluster.public.hostname == "labsvc"
+    assert [(a.address, a.interface) for a in cluster.public.addresses] == [
+        ("198.19.0.100/24", "pub0")
+    ]
+    assert cluster.public.service_port == 8080
+    [demo] = cluster.services
+    assert demo.name == "demo"
+    assert demo.exec[:3] == [sys.executable, "-m", "stead.lab.demo_service"]
+    assert demo.exec[3:] == ["--port", "8080", "--data", "/srv/lab/demo"]
+    [check] = demo.checks
+    assert (check.kind, check.url) == ("http", "http://127.0.0.1:8080/health")
+    assert (check.interval, check.timeout, check.failures) == (1.0, 0.5, 3)
+    # Applying the settings again changes nothing: `up` may run any number of times.
+    assert lab_settings(text, protect="/srv/lab") == text
+
+    timed = lab_settings(text, protect="/srv/lab", timing=Timing(0.25, 1.0))
+    (tmp_path / "timed.toml").write_text(timed)
+    cluster = load_cluster(tmp_path / "timed.toml")
+    assert (cluster.channel.heartbeat, cluster.failover.timeout) == (0.25, 1.0)
+    with pytest.raises(LabError, match="at least 4 heartbeats"):
+        lab_settings(text, protect="/srv/lab", timing=Timing(heartbeat=1.0, failover_timeout=1.0))
+    with pytest.raises(LabError, match="heartbeat"):
+        lab_settings(text, protect="/srv/lab", timing=Timing(heartbeat=-1))
 
 
 # -- with root ------------------------------------------------------------------------------
@@ -139,6 +202,137 @@ def test_nodes_reach_each_other_until_partitioned(lab: Any) -> None:
     assert not built.status()["nodes"]["secondary"]["partitioned"]
     assert reach(built, "primary", "secondary", wait=10)
     assert reach(built, "secondary", "tertiary", wait=10)
+
+
+def ping(lab: Lab, source: str, address: str, interface: str | None = None) -> bool:
+    """One echo, answered within a second (links that were just healed get three)."""
+    return lab.ping(source, address, timeout=1.0, count=3, interface=interface)
+
+
+def pings_once(lab: Lab, source: str, address: str) -> bool:
+    return lab.ping(source, address, timeout=0.5)
+
+
+def mac(lab: Lab, node: str) -> str:
+    links = json.loads(lab.exec(node, ["ip", "-j", "link", "show", "pub0"], capture=True).stdout)
+    return str(links[0]["address"])
+
+
+def client_neighbour(address: str) -> str | None:
+    out = subprocess.run(
+        ["ip", "-n", "stead-client", "-j", "neigh", "show", address],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    entries = json.loads(out or "[]")
+    return str(entries[0].get("lladdr")) if entries else None
+
+
+# Runs inside a node: send one gratuitous ARP (a broadcast request for our own address) on
+# pub0, as an identity backend does when it takes the service address.
+GRATUITOUS_ARP = """
+import socket, struct, sys
+address = socket.inet_aton(sys.argv[1])
+with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
+    sock.bind(("pub0", 0))
+    mac = sock.getsockname()[4]
+    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, mac, address, bytes(6), address)
+    sock.send(b"\\xff" * 6 + mac + b"\\x08\\x06" + arp)
+"""
+
+
+@pytest.mark.root
+@pytest.mark.cluster
+def test_the_client_reaches_the_public_network_only(lab: Any) -> None:
+    built: Lab = lab(3, agent_cmd="sleep infinity", skip_init=True)
+    status = built.status()
+    assert ping(built, "client", "198.19.0.1")  # the gateway, the failover witness
+    for name, node in status["nodes"].items():
+        assert ping(built, "client", node["public_address"]), name
+        assert not pings_once(built, "client", node["channel_address"]), name
+        assert ping(built, name, "198.19.0.1", interface="pub0"), name
+    # `stead lab exec client` runs a command in the client's network namespace.
+    proc = subprocess.run(
+        [sys.executable, "-m", "stead", "lab", "exec", "client", "--", "ip", "-4", "-j", "addr"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, STEAD_LAB_DIR=str(built.dir)),
+        check=True,
+    )
+    addresses = {
+        info["local"] for link in json.loads(proc.stdout) for info in link.get("addr_info", [])
+    }
+    assert addresses == {"127.0.0.1", "198.19.0.2"}
+
+    # A node answers ARP on pub0 only for pub0's addresses: a client told that a channel
+    # address is on its segment still gets no answer for it.
+    route = ["ip", "-n", "stead-client", "route", "add", "198.18.0.11/32", "dev", "eth0"]
+    subprocess.run(route, check=True)
+    assert not pings_once(built, "client", "198.18.0.11")
+    arp_ignore = "/proc/sys/net/ipv4/conf/pub0/arp_ignore"
+    built.exec("primary", ["sh", "-c", f"echo 0 > {arp_ignore}"], check=True)
+    assert ping(built, "client", "198.18.0.11"), "without arp_ignore it would answer"
+    built.exec("primary", ["sh", "-c", f"echo 1 > {arp_ignore}"], check=True)
+
+
+@pytest.mark.root
+@pytest.mark.cluster
+def test_the_service_address_moves_with_a_gratuitous_arp(lab: Any) -> None:
+    built: Lab = lab(2, agent_cmd="sleep infinity", skip_init=True)
+    service = f"{netns.SERVICE_ADDRESS}/24"
+    built.exec("primary", ["ip", "addr", "add", service, "dev", "pub0"], check=True)
+    assert ping(built, "client", netns.SERVICE_ADDRESS)
+    assert client_neighbour(netns.SERVICE_ADDRESS) == mac(built, "primary")
+
+    built.exec("primary", ["ip", "addr", "del", service, "dev", "pub0"], check=True)
+    built.exec("secondary", ["ip", "addr", "add", service, "dev", "pub0"], check=True)
+    garp = [sys.executable, "-c", GRATUITOUS_ARP, netns.SERVICE_ADDRESS]
+    built.exec("secondary", garp, check=True)
+    # Without the update the client would keep sending to the primary's MAC for seconds.
+    assert procs.wait_until(
+        lambda: client_neighbour(netns.SERVICE_ADDRESS) == mac(built, "secondary"), 2
+    )
+    assert pings_once(built, "client", netns.SERVICE_ADDRESS)
+
+
+@pytest.mark.root
+@pytest.mark.cluster
+def test_partition_one_network_at_a_time(lab: Any) -> None:
+    built: Lab = lab(3, agent_cmd=STANDIN, wait_ready=True, skip_init=True)
+    stead = [sys.executable, "-m", "stead", "lab"]
+    env = dict(os.environ, STEAD_LAB_DIR=str(built.dir))
+    public = built.status()["nodes"]["secondary"]["public_address"]
+
+    subprocess.run([*stead, "partition", "secondary", "--network", "channel"], env=env, check=True)
+    node = built.status()["nodes"]["secondary"]
+    assert node["partitioned"] and node["partitioned_from"] == ["channel"]
+    assert not reach(built, "primary", "secondary", wait=0)
+    assert ping(built, "secondary", "198.19.0.1", interface="pub0")  # still sees the witness
+    assert ping(built, "client", public)
+    subprocess.run([*stead, "heal", "secondary"], env=env, check=True)
+    assert built.status()["nodes"]["secondary"]["partitioned_from"] == []
+    assert reach(built, "primary", "secondary", wait=10)
+
+    subprocess.run([*stead, "partition", "secondary", "--network", "public"], env=env, check=True)
+    assert built.status()["nodes"]["secondary"]["partitioned_from"] == ["public"]
+    assert not pings_once(built, "secondary", "198.19.0.1")
+    assert not pings_once(built, "client", public)
+    assert reach(built, "primary", "secondary", wait=5)  # the channel is untouched
+    subprocess.run([*stead, "heal"], env=env, check=True)
+    assert ping(built, "client", public)
+    assert ping(built, "secondary", "198.19.0.1")
+
+    built.partition("tertiary")  # the API's default: both networks
+    assert built.status()["nodes"]["tertiary"]["partitioned_from"] == ["channel", "public"]
+    assert not reach(built, "primary", "tertiary", wait=0)
+    assert not pings_once(built, "client", built.status()["nodes"]["tertiary"]["public_address"])
+    built.heal("tertiary", network="channel")
+    assert built.status()["nodes"]["tertiary"]["partitioned_from"] == ["public"]
+    built.heal()
+    assert not built.status()["nodes"]["tertiary"]["partitioned"]
+    with pytest.raises(LabError, match="no network"):
+        built.partition("tertiary", "private")  # type: ignore[arg-type]
 
 
 @pytest.mark.root
@@ -242,8 +436,13 @@ def test_up_again_keeps_what_runs_and_repairs_the_rest(lab: Any) -> None:
 def test_down_leaves_nothing_behind(lab: Any) -> None:
     built: Lab = lab(3, agent_cmd="sleep infinity", skip_init=True)
     pids = [p for n in built.status()["nodes"].values() for p in (n["holder_pid"], n["agent_pid"])]
+    links = netns.list_lab_links()
+    assert {"stead-pub0", "stv-client", "stv-p-primary", "stv-p-tertiary"} <= set(links)
+    assert "stead-client" in netns.list_netns()
+    client = built.popen("client", ["sleep", "infinity"])  # something running in the client
     built.down()
-    assert leftovers(built.dir) == NOTHING
+    assert client.wait(timeout=10) == -signal.SIGKILL
+    assert leftovers(built.dir) == NOTHING  # no bridge, veth or namespace, the client's too
     assert not any(running(pid) for pid in pids)
     assert not built.status()["up"]
     built.down()  # idempotent
@@ -285,6 +484,21 @@ def test_cli_exec_passes_stdin_stdout_and_exit_code(lab: Any) -> None:
     data = json.loads(status.stdout)
     assert data["bridge_address"] == "198.18.0.1"
     assert data["nodes"]["secondary"]["address"] == "198.18.0.12"
+    assert data["public_bridge"] == "stead-pub0" and data["public_bridge_present"]
+    assert data["public_gateway"] == "198.19.0.1"
+    assert (data["service_address"], data["service_prefix_len"]) == ("198.19.0.100", 24)
+    assert (data["service_interface"], data["service_port"]) == ("pub0", 8080)
+    assert data["client"] == {
+        "name": "client",
+        "netns": "stead-client",
+        "address": "198.19.0.2",
+        "veth": "stv-client",
+        "present": True,
+    }
+    for index, (name, node) in enumerate(data["nodes"].items()):
+        assert node["channel_address"] == f"198.18.0.{11 + index}"
+        assert node["public_address"] == f"198.19.0.{11 + index}"
+        assert node["netns"] == f"stead-{name}"
     subprocess.run([*stead, "partition", "secondary"], env=env, check=True)
     assert built.status()["nodes"]["secondary"]["partitioned"]
     subprocess.run([*stead, "heal"], env=env, check=True)
@@ -304,6 +518,30 @@ def test_up_writes_each_node_its_configuration(lab: Any) -> None:
         assert {"cluster.toml", "ca.pem", "node.pem", "node.key"} <= {p.name for p in etc.iterdir()}
     cluster = tomllib.loads((built.dir / "primary" / "etc" / "cluster.toml").read_text())
     assert "198.18.0.12" in json.dumps(cluster)
+    for name in node_names(3):
+        loaded = load(built.dir / name / "etc")  # what `stead config check` runs
+        assert loaded.name == name
+        assert loaded.cluster.failover.witnesses == ["198.19.0.1"]
+        assert loaded.cluster.public.addresses[0].address == "198.19.0.100/24"
+        assert [service.name for service in loaded.cluster.services] == ["demo"]
+
+    # Failover timing: written, recorded for later `up`s, and the agents restarted for it.
+    before = {n: v["agent_pid"] for n, v in built.status()["nodes"].items()}
+    built.up(3, heartbeat=0.25, failover_timeout=1.5)
+    after = {n: v["agent_pid"] for n, v in built.status()["nodes"].items()}
+    assert all(after[n] != before[n] for n in before)
+    built.up(3)
+    assert {n: v["agent_pid"] for n, v in built.status()["nodes"].items()} == after
+    for name in node_names(3):
+        loaded = load(built.dir / name / "etc")
+        assert (loaded.cluster.channel.heartbeat, loaded.cluster.failover.timeout) == (0.25, 1.5)
+    cli = [sys.executable, "-m", "stead", "lab", "up", "--dir", str(built.dir)]
+    refused = subprocess.run(
+        [*cli, "--heartbeat", "1", "--failover-timeout", "2"], capture_output=True, text=True
+    )
+    assert refused.returncode != 0 and "at least 4 heartbeats" in refused.stderr
+    assert load(built.dir / "primary" / "etc").cluster.channel.heartbeat == 0.25
+    assert {n: v["agent_pid"] for n, v in built.status()["nodes"].items()} == after
 
 
 @pytest.mark.root

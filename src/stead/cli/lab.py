@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from stead.cli.options import JsonOption
-from stead.lab.nodes import DEFAULT_LAB_DIR, LAB_DIR_ENV, Lab, default_dir, down_all
+from stead.lab.nodes import DEFAULT_LAB_DIR, LAB_DIR_ENV, Lab, Network, default_dir, down_all
 
 app = typer.Typer(
     help="A local multi-node lab: every node a set of Linux namespaces running a real agent.",
@@ -29,6 +29,13 @@ DirOption = Annotated[
     ),
 ]
 NodeArgument = Annotated[str, typer.Argument(help="Node name: primary, secondary, ...")]
+NetworkOption = Annotated[
+    Network,
+    typer.Option(
+        "--network",
+        help="channel (the agents' links), public (clients and the gateway), or all.",
+    ),
+]
 
 
 def _lab(directory: Path | None) -> Lab:
@@ -36,18 +43,28 @@ def _lab(directory: Path | None) -> Lab:
 
 
 def render(data: dict[str, Any]) -> Table:
-    title = f"lab {data['dir']} · bridge {data['bridge']} {data['bridge_address']}/24"
+    client = data["client"]
+    title = (
+        f"lab {data['dir']}\n"
+        f"channel network: bridge {data['bridge']} {data['bridge_address']}/24\n"
+        f"public network:  bridge {data['public_bridge']} {data['public_gateway']}/24 (gateway),"
+        f" service {data['service_address']}/{data['service_prefix_len']}"
+        f" port {data['service_port']} on the active's {data['service_interface']},"
+        f" client {client['address']} (`stead lab exec {client['name']} -- ...`)"
+    )
     table = Table(title=title, title_justify="left")
-    for column in ("node", "address", "holder", "agent", "network", "socket", "files"):
+    for column in ("node", "channel", "public", "holder", "agent", "network", "socket", "files"):
         table.add_column(column)
     for node in data["nodes"].values():
         holder = f"{node['holder_pid']}" if node["holder_alive"] else "[red]down[/red]"
         agent = f"{node['agent_pid']}" if node["agent_alive"] else "[red]stopped[/red]"
-        network = "[red]partitioned[/red]" if node["partitioned"] else "[green]up[/green]"
+        cut = " + ".join(node["partitioned_from"])
+        network = f"[red]cut: {cut}[/red]" if cut else "[green]up[/green]"
         name = node["name"] + (" (active)" if node["name"] == data["active"] else "")
         table.add_row(
             name,
-            node["address"],
+            node["channel_address"],
+            node["public_address"],
             holder,
             agent,
             network,
@@ -62,10 +79,30 @@ def up(
     nodes: Annotated[int, typer.Option("--nodes", "-n", min=1, max=200)] = 3,
     directory: DirOption = None,
     disk_size: Annotated[str, typer.Option("--disk-size", help="Per-node disk image.")] = "2G",
+    heartbeat: Annotated[
+        float | None,
+        typer.Option(
+            "--heartbeat",
+            help="Seconds between heartbeats (channel.heartbeat); kept by later `up`s.",
+            show_default=False,
+        ),
+    ] = None,
+    failover_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--failover-timeout",
+            help="Seconds of silence before a passive takes over (failover.timeout);"
+            " kept by later `up`s.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Build the lab, or complete it (a second `up` keeps what runs and repairs the rest)."""
+    """Build the lab, or complete it (a second `up` keeps what runs and repairs the rest).
+
+    Agents whose configuration changed (for example by --heartbeat) are restarted.
+    """
     lab = _lab(directory)
-    data = lab.up(nodes, disk_size)
+    data = lab.up(nodes, disk_size, heartbeat=heartbeat, failover_timeout=failover_timeout)
     Console().print(render(data))
 
 
@@ -89,11 +126,12 @@ def down(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
 )
 def exec_(
-    node: NodeArgument,
+    node: Annotated[str, typer.Argument(help="Node name (primary, secondary, ...) or `client`.")],
     command: Annotated[list[str], typer.Argument(help="Command to run (after --).")],
     directory: DirOption = None,
 ) -> None:
-    """Run a command inside a node: `stead lab exec primary -- stead status`."""
+    """Run a command inside a node, or in the client's network namespace:
+    `stead lab exec primary -- stead status`, `stead lab exec client -- curl ...`."""
     lab = _lab(directory)
     argv = lab.command(node, command, cwd=_cwd())
     os.execvpe(argv[0], argv, lab.node_env(node))
@@ -129,9 +167,11 @@ def start(node: NodeArgument, directory: DirOption = None) -> None:
 
 
 @app.command()
-def partition(node: NodeArgument, directory: DirOption = None) -> None:
-    """Cut the node off the network (its link to the bridge goes down)."""
-    _lab(directory).partition(node)
+def partition(
+    node: NodeArgument, network: NetworkOption = "all", directory: DirOption = None
+) -> None:
+    """Cut the node off a network, or both (its link to that bridge goes down)."""
+    _lab(directory).partition(node, network)
 
 
 @app.command()
@@ -147,15 +187,16 @@ def drop(
 @app.command()
 def heal(
     node: Annotated[str | None, typer.Argument(help="Node to reconnect (default: all).")] = None,
+    network: NetworkOption = "all",
     directory: DirOption = None,
 ) -> None:
-    """Reconnect a partitioned node, or all of them."""
-    _lab(directory).heal(node)
+    """Reconnect a partitioned node, or all of them, to both networks (or --network)."""
+    _lab(directory).heal(node, network)
 
 
 @app.command()
 def status(as_json: JsonOption = False, directory: DirOption = None) -> None:
-    """Show the nodes: addresses, holder and agent pids, network, socket, file system."""
+    """Show the address plan and the nodes: holder and agent pids, links, socket, files."""
     data = _lab(directory).status()
     if as_json:
         print(json.dumps(data, indent=2))

@@ -1,10 +1,10 @@
 """Taking labs apart, including what a crashed run left behind.
 
 Order matters: first the processes (they keep mount namespaces, and with them the loop
-mounts, alive), then the network namespaces (their veth pairs go with them), then the loop
-devices (normally gone by then: ``mount -o loop`` sets them to clear themselves), last the
-bridge. Leftovers are found by naming convention, not from the state file, which a crash may
-have left stale.
+mounts, alive), then the network namespaces (their veth pairs go with them; the client's
+too), then the loop devices (normally gone by then: ``mount -o loop`` sets them to clear
+themselves), last the two bridges. Leftovers are found by naming convention, not from the
+state file, which a crash may have left stale.
 """
 
 from __future__ import annotations
@@ -54,8 +54,10 @@ def _release_loops(still_there: Callable[[], list[str]]) -> None:
         raise LabError(f"loop devices {still_there()} are still attached (mounted elsewhere?)")
 
 
-def teardown_node(ns: str, veth: str, image: Path, holders: Iterable[procs.ProcRef | None]) -> None:
-    """Remove one node: its processes, namespaces, veth pair and loop device."""
+def teardown_node(
+    ns: str, veths: Iterable[str], image: Path, holders: Iterable[procs.ProcRef | None]
+) -> None:
+    """Remove one node: its processes, namespaces, veth pairs and loop device."""
     holders = list(holders)
     net = netns.netns_inode(ns)
     mnt = {
@@ -69,12 +71,29 @@ def teardown_node(ns: str, veth: str, image: Path, holders: Iterable[procs.ProcR
     victims += [ref.pid for ref in holders if ref is not None and ref.alive()]
     if victims:
         procs.kill_pids(sorted(set(victims)))
-    # Deleting a veth takes its peer at once; a namespace's links go asynchronously.
-    if netns.link_exists(veth):
-        netns.run(["ip", "link", "del", veth], check=False)
+    _remove_veths(veths)
     netns.remove_node_network(ns)
     if netns.loop_devices_under(image):
         _release_loops(lambda: netns.loop_devices_under(image))
+
+
+def _remove_veths(veths: Iterable[str]) -> None:
+    # Deleting a veth takes its peer at once; a namespace's links go asynchronously.
+    for veth in veths:
+        if veth and netns.link_exists(veth):
+            netns.run(["ip", "link", "del", veth], check=False)
+
+
+def teardown_client() -> None:
+    """Remove the client namespace, with whatever still runs in it."""
+    ns = netns.client_netns()
+    net = netns.netns_inode(ns)
+    if net is not None:
+        victims = procs.processes_in_namespaces({net}, set())
+        if victims:
+            procs.kill_pids(victims)
+    _remove_veths([netns.client_veth()])
+    netns.remove_node_network(ns)
 
 
 def sweep_all() -> list[str]:
@@ -89,7 +108,7 @@ def sweep_all() -> list[str]:
         procs.kill_pids(victims)
         removed.append(f"{len(victims)} processes")
     for link in netns.list_lab_links():
-        if link != netns.BRIDGE:
+        if link not in netns.BRIDGES:
             netns.run(["ip", "link", "del", link], check=False)
             removed.append(f"link {link}")
     for name in names:
@@ -99,9 +118,10 @@ def sweep_all() -> list[str]:
     if loops:
         _release_loops(netns.lab_loop_devices)
         removed += [f"loop {dev}" for dev in loops]
-    if netns.link_exists(netns.BRIDGE):
-        netns.remove_bridge()
-        removed.append(f"bridge {netns.BRIDGE}")
+    for bridge in netns.BRIDGES:
+        if netns.link_exists(bridge):
+            netns.remove_bridge(bridge)
+            removed.append(f"bridge {bridge}")
     netns.clear_drop()
     release()
     return removed

@@ -5,6 +5,12 @@ node its own configuration directory ``DIR/<node>/etc`` holding ``cluster.toml``
 node's files, with two overrides in ``node.toml``: ``state_dir`` and ``api_socket``, both on
 the host disk so that the host can reach them.
 
+Each node's ``cluster.toml`` is ``stead init``'s, which stays untouched in ``DIR/cluster``,
+plus the lab's settings (``lab_settings``): the public network's gateway as the failover
+witness, the service address on ``pub0``, the demo service with its health check, and the
+timing given to ``stead lab up``. The result is validated against the schema before it is
+written, so a lab never starts agents on a configuration ``stead config check`` refuses.
+
 ``STEAD_LAB_SKIP_INIT=1`` skips ``stead init`` (the directories are still made), for tests of
 the lab itself.
 """
@@ -16,16 +22,25 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import tomlkit
+from pydantic import ValidationError
 
+from stead.config.schema import ClusterConfig
 from stead.errors import LabError
+from stead.lab import netns
 
 CLUSTER_NAME = "lab"
 SKIP_INIT_ENV = "STEAD_LAB_SKIP_INIT"
 NODES_STAMP = ".lab-nodes.json"
+PUBLIC_HOSTNAME = "labsvc"
+DEMO_SERVICE = "demo"
+DEMO_PORT = 8080
+DEMO_DATA = "demo"  # under the protected path: the demo's data moves with the service
 
 
 @dataclass(frozen=True)
@@ -109,6 +124,72 @@ def _run_init(cluster_dir: Path, nodes: dict[str, str], active: str, protect: st
         )
 
 
+@dataclass(frozen=True)
+class Timing:
+    """Failover timing given to ``stead lab up``; None keeps what ``stead init`` wrote."""
+
+    heartbeat: float | None = None
+    failover_timeout: float | None = None
+
+
+def demo_service(protect: str) -> dict[str, Any]:
+    """The ``[[services]]`` entry of the demo service (``stead.lab.demo_service``)."""
+    data = f"{protect.rstrip('/')}/{DEMO_DATA}"
+    argv = [sys.executable, "-m", "stead.lab.demo_service", "--port", str(DEMO_PORT)]
+    return {
+        "name": DEMO_SERVICE,
+        "exec": [*argv, "--data", data],
+        "checks": [
+            {
+                "kind": "http",
+                "url": f"http://127.0.0.1:{DEMO_PORT}/health",
+                "interval": 1.0,
+                "timeout": 0.5,
+                "failures": 3,
+            }
+        ],
+    }
+
+
+def _table(doc: tomlkit.TOMLDocument, name: str) -> Any:
+    if name not in doc:
+        doc[name] = tomlkit.table()
+    return doc[name]
+
+
+def lab_settings(text: str, *, protect: str, timing: Timing = Timing()) -> str:
+    """``stead init``'s ``cluster.toml`` with the lab's settings; refused if invalid."""
+    doc = tomlkit.parse(text)
+    failover = _table(doc, "failover")
+    failover["witnesses"] = [netns.PUB_GATEWAY]
+    if timing.failover_timeout is not None:
+        failover["timeout"] = timing.failover_timeout
+    if timing.heartbeat is not None:
+        _table(doc, "channel")["heartbeat"] = timing.heartbeat
+    public = _table(doc, "public")
+    public["hostname"] = PUBLIC_HOSTNAME
+    address = tomlkit.inline_table()
+    address.update(
+        {"address": f"{netns.SERVICE_ADDRESS}/{netns.PREFIX_LEN}", "interface": netns.PUB_IFNAME}
+    )
+    addresses = tomlkit.array()
+    addresses.append(address)
+    public["addresses"] = addresses
+    public["service_port"] = DEMO_PORT
+    doc["services"] = tomlkit.item([demo_service(protect)])  # an array of tables
+    result = tomlkit.dumps(doc)
+    try:
+        ClusterConfig.model_validate(tomllib.loads(result))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc']) or '(top level)'}: "
+            f"{str(error['msg']).removeprefix('Value error, ')}"
+            for error in exc.errors()
+        )
+        raise LabError(f"the lab's cluster configuration is invalid: {problems}") from None
+    return result
+
+
 def write_cluster_config(
     lab_dir: Path,
     nodes: dict[str, str],
@@ -117,17 +198,19 @@ def write_cluster_config(
     active: str,
     protect: str,
     skip: bool | None = None,
-) -> None:
+    timing: Timing = Timing(),
+) -> set[str]:
     """Create the cluster configuration and every node's configuration directory.
 
     ``nodes`` maps node names to addresses. ``stead init`` runs again only when the set of
     nodes changed, so that a second ``stead lab up`` keeps the cluster's keys. ``skip``
-    (default: ``$STEAD_LAB_SKIP_INIT``) only makes the directories.
+    (default: ``$STEAD_LAB_SKIP_INIT``) only makes the directories. Returns the nodes whose
+    configuration files changed (their running agents still have the old ones).
     """
     for paths in node_paths.values():
         paths.make()
     if skip_init() if skip is None else skip:
-        return
+        return set()
     cluster_dir = lab_dir / "cluster"
     stamp = cluster_dir / NODES_STAMP
     wanted = {"nodes": nodes, "active": active, "protect": protect}
@@ -135,12 +218,24 @@ def write_cluster_config(
     if current != wanted or not (cluster_dir / "cluster.toml").exists():
         _run_init(cluster_dir, nodes, active, protect)
         stamp.write_text(json.dumps(wanted, indent=2) + "\n")
+    cluster_toml = lab_settings(
+        (cluster_dir / "cluster.toml").read_text(), protect=protect, timing=timing
+    )
+    changed = set()
     for name, paths in node_paths.items():
-        shutil.copy2(cluster_dir / "cluster.toml", paths.etc / "cluster.toml")
+        before = _snapshot(paths.etc)
         source = cluster_dir / "nodes" / name
         if not source.is_dir():
             raise LabError(f"`stead init` made no configuration for node {name} in {source}")
         for item in source.iterdir():
             if item.is_file():
                 shutil.copy2(item, paths.etc / item.name)
+        (paths.etc / "cluster.toml").write_text(cluster_toml)  # the lab's, not init's copy
         apply_node_overrides(paths.etc / "node.toml", node_overrides(paths))
+        if _snapshot(paths.etc) != before:
+            changed.add(name)
+    return changed
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {item.name: item.read_bytes() for item in directory.iterdir() if item.is_file()}

@@ -104,6 +104,8 @@ def main() -> None:
         "  .venv/bin/stead lab exec primary -- sh      # a shell on the active; write to /srv/lab\n"
         "  .venv/bin/stead lab exec secondary -- ls -l /srv/lab/app\n"
         "  .venv/bin/stead check                       # full system check of every passive\n"
+        "  .venv/bin/stead lab exec client -- curl -s http://198.19.0.100:8080/whoami\n"
+        "                                              # the demo service, as a client sees it\n"
         "  .venv/bin/stead lab partition secondary; .venv/bin/stead lab heal\n"
         "  .venv/bin/stead lab down                    # remove the lab"
     )

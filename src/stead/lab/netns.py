@@ -1,9 +1,16 @@
-"""Network plumbing of the lab: one bridge on the host, one namespace and veth pair per node.
+"""Network plumbing of the lab: two bridges on the host, one namespace per node.
 
-Every name here follows a convention (netns ``stead-<node>``, host-side veth ``stv-<node>``,
-bridge ``stead-br0``), so that a crashed run can be cleaned up by name alone, without its
-state file. All changes go through the ``ip`` and ``tc`` commands: they are stable, their
-errors are readable, and the same commands work by hand when debugging a lab.
+Two networks, as on real hosts: the channel network (bridge ``stead-br0``, 198.18.0.0/24),
+which carries the agents' channels, and the public network (bridge ``stead-pub0``,
+198.19.0.0/24), where clients reach the service address and the host's bridge address is the
+gateway (the failover witness). Each node has ``eth0`` on the first and ``pub0`` on the
+second; a client namespace has one link, on the public network only.
+
+Every name here follows a convention (netns ``stead-<node>``, host-side veths ``stv-<node>``
+and ``stv-p-<node>``, bridges ``stead-br0`` and ``stead-pub0``), so that a crashed run can be
+cleaned up by name alone, without its state file. All changes go through the ``ip`` and
+``tc`` commands: they are stable, their errors are readable, and the same commands work by
+hand when debugging a lab.
 """
 
 from __future__ import annotations
@@ -26,18 +33,44 @@ BRIDGE_ADDRESS = "198.18.0.1"
 PREFIX_LEN = 24
 NETNS_PREFIX = "stead-"
 VETH_PREFIX = "stv-"
+PUB_VETH_PREFIX = f"{VETH_PREFIX}p-"
 NODE_IFNAME = "eth0"
 FIRST_HOST = 10
 IFNAMSIZ = 15
 NETNS_RUN_DIR = Path("/run/netns")
 
+# The public network. The service address is not configured by the lab: the active agent
+# adds it to ``pub0`` (its identity backend), and takes it away when it stops being active.
+PUB_BRIDGE = "stead-pub0"
+PUB_GATEWAY = "198.19.0.1"
+PUB_IFNAME = "pub0"
+SERVICE_ADDRESS = "198.19.0.100"
+CLIENT = "client"
+CLIENT_ADDRESS = "198.19.0.2"
+CLIENT_IFNAME = "eth0"
 
-def node_address(index: int) -> str:
-    """Address of the node at ``index`` (0-based): 198.18.0.11, .12, ..."""
+BRIDGES = (BRIDGE, PUB_BRIDGE)
+
+
+def _host_address(network_base: str, index: int, *, skip: str | None = None) -> str:
     host = FIRST_HOST + index + 1
+    base = ipaddress.IPv4Address(network_base)
+    if skip is not None and host >= int(ipaddress.IPv4Address(skip)) - int(base) + 1:
+        host += 1
     if not 0 < host < 255:
         raise LabError(f"no address left for node number {index + 1}")
-    return str(ipaddress.IPv4Address(BRIDGE_ADDRESS) + (host - 1))
+    return str(base + (host - 1))
+
+
+def node_address(index: int) -> str:
+    """Channel address of the node at ``index`` (0-based): 198.18.0.11, .12, ..."""
+    return _host_address(BRIDGE_ADDRESS, index)
+
+
+def node_public_address(index: int) -> str:
+    """Public-network address of the node at ``index``: 198.19.0.11, .12, ... (.100, the
+    service address, is skipped)."""
+    return _host_address(PUB_GATEWAY, index, skip=SERVICE_ADDRESS)
 
 
 def netns_name(node: str) -> str:
@@ -48,6 +81,20 @@ def veth_name(node: str, index: int) -> str:
     """Host-side veth name; interface names are limited to 15 characters."""
     name = f"{VETH_PREFIX}{node}"
     return name if len(name) <= IFNAMSIZ else f"{VETH_PREFIX}{index + 1}"
+
+
+def pub_veth_name(node: str, index: int) -> str:
+    """Host-side name of the node's veth on the public bridge (``stv-p-<node>``)."""
+    name = f"{PUB_VETH_PREFIX}{node}"
+    return name if len(name) <= IFNAMSIZ else f"{PUB_VETH_PREFIX}{index + 1}"
+
+
+def client_netns() -> str:
+    return netns_name(CLIENT)
+
+
+def client_veth() -> str:
+    return f"{VETH_PREFIX}{CLIENT}"
 
 
 def run(argv: Sequence[str], *, check: bool = True, input: str | None = None) -> str:
@@ -94,9 +141,9 @@ def link_exists(name: str) -> bool:
 
 
 def list_lab_links() -> list[str]:
-    """Every lab link in the host namespace: veths ``stv-*`` and the bridge."""
+    """Every lab link in the host namespace: veths ``stv-*`` and the two bridges."""
     names = [str(link.get("ifname", "")) for link in _ip_json(["link", "show"])]
-    return sorted(n for n in names if n.startswith(VETH_PREFIX) or n == BRIDGE)
+    return sorted(n for n in names if n.startswith(VETH_PREFIX) or n in BRIDGES)
 
 
 def link_is_up(name: str) -> bool:
@@ -114,48 +161,76 @@ def _disable_ipv6(conf_dir: str) -> None:
         Path(conf_dir, "disable_ipv6").write_text("1\n")
 
 
-def ensure_bridge() -> None:
-    """Create the host bridge with its address, or leave an existing one as it is."""
-    if not link_exists(BRIDGE):
-        run(["ip", "link", "add", BRIDGE, "type", "bridge"])
-    _disable_ipv6(f"/proc/sys/net/ipv6/conf/{BRIDGE}")
-    cidr = f"{BRIDGE_ADDRESS}/{PREFIX_LEN}"
-    run(["ip", "addr", "replace", cidr, "dev", BRIDGE])
-    run(["ip", "link", "set", BRIDGE, "up"])
+def _sysctl_in(ns: str, settings: dict[str, str]) -> None:
+    """Write ``/proc/sys`` keys inside a namespace (``net.*`` keys are per namespace)."""
+    script = "; ".join(f"echo {value} > /proc/sys/{key}" for key, value in settings.items())
+    run(["ip", "netns", "exec", ns, "sh", "-ec", script])
 
 
-def remove_bridge() -> None:
-    if link_exists(BRIDGE):
-        run(["ip", "link", "del", BRIDGE], check=False)
+def ensure_bridge(name: str = BRIDGE, address: str = BRIDGE_ADDRESS) -> None:
+    """Create a host bridge with its address, or leave an existing one as it is."""
+    if not link_exists(name):
+        run(["ip", "link", "add", name, "type", "bridge"])
+    _disable_ipv6(f"/proc/sys/net/ipv6/conf/{name}")
+    cidr = f"{address}/{PREFIX_LEN}"
+    run(["ip", "addr", "replace", cidr, "dev", name])
+    run(["ip", "link", "set", name, "up"])
 
 
-def create_node_network(node: str, index: int, address: str) -> None:
-    """Namespace, veth pair on the bridge, ``eth0`` with its address, ``lo`` up."""
+def ensure_bridges() -> None:
+    """Both lab bridges; the host's address on the public one is the nodes' gateway."""
+    ensure_bridge(BRIDGE, BRIDGE_ADDRESS)
+    ensure_bridge(PUB_BRIDGE, PUB_GATEWAY)
+    # The host is a client of the service address too: follow its gratuitous ARP at once.
+    with contextlib.suppress(OSError):
+        Path(f"/proc/sys/net/ipv4/conf/{PUB_BRIDGE}/arp_accept").write_text("1\n")
+
+
+def remove_bridge(name: str = BRIDGE) -> None:
+    if link_exists(name):
+        run(["ip", "link", "del", name], check=False)
+
+
+def remove_bridges() -> None:
+    for name in BRIDGES:
+        remove_bridge(name)
+
+
+def _add_veth(ns: str, host_side: str, inner: str, bridge: str) -> None:
+    """A veth pair: ``host_side`` on ``bridge``, ``inner`` in the namespace (replaced)."""
+    if link_exists(host_side):
+        run(["ip", "link", "del", host_side], check=False)
+    run(["ip", "-n", ns, "link", "del", inner], check=False)
+    run(["ip", "link", "add", host_side, "type", "veth", "peer", "name", inner, "netns", ns])
+    _disable_ipv6(f"/proc/sys/net/ipv6/conf/{host_side}")
+    run(["ip", "link", "set", host_side, "master", bridge])
+    run(["ip", "link", "set", host_side, "up"])
+    disable = f"echo 1 > /proc/sys/net/ipv6/conf/{inner}/disable_ipv6 || true"
+    run(["ip", "netns", "exec", ns, "sh", "-c", disable], check=False)
+
+
+def create_node_network(node: str, index: int, address: str, public_address: str) -> None:
+    """Namespace; ``eth0`` on the channel bridge, ``pub0`` on the public one; ``lo`` up."""
     ns = netns_name(node)
-    veth = veth_name(node, index)
     if not netns_exists(ns):
         run(["ip", "netns", "add", ns])
-    if link_exists(veth):
-        run(["ip", "link", "del", veth], check=False)
     in_ns = ["ip", "-n", ns]
-    run([*in_ns, "link", "del", NODE_IFNAME], check=False)
-    run(["ip", "link", "add", veth, "type", "veth", "peer", "name", NODE_IFNAME, "netns", ns])
-    _disable_ipv6(f"/proc/sys/net/ipv6/conf/{veth}")
-    run(["ip", "link", "set", veth, "master", BRIDGE])
-    run(["ip", "link", "set", veth, "up"])
-    disable = f"echo 1 > /proc/sys/net/ipv6/conf/{NODE_IFNAME}/disable_ipv6 || true"
-    run(["ip", "netns", "exec", ns, "sh", "-c", disable], check=False)
+    _add_veth(ns, veth_name(node, index), NODE_IFNAME, BRIDGE)
+    _add_veth(ns, pub_veth_name(node, index), PUB_IFNAME, PUB_BRIDGE)
+    # The service address moves between nodes' pub0: a node answers ARP only for addresses
+    # of the interface asked on, and announces with the address of the interface it sends
+    # from, so that no stale node claims the service address on the wrong link.
+    conf = f"net/ipv4/conf/{PUB_IFNAME}"
+    _sysctl_in(ns, {f"{conf}/arp_ignore": "1", f"{conf}/arp_announce": "2"})
     run([*in_ns, "addr", "replace", f"{address}/{PREFIX_LEN}", "dev", NODE_IFNAME])
+    run([*in_ns, "addr", "replace", f"{public_address}/{PREFIX_LEN}", "dev", PUB_IFNAME])
     run([*in_ns, "link", "set", "lo", "up"])
     run([*in_ns, "link", "set", NODE_IFNAME, "up"])
+    run([*in_ns, "link", "set", PUB_IFNAME, "up"])
 
 
-def node_network_ok(node: str, index: int, address: str) -> bool:
-    """Whether the node's namespace, veth and address are all in place."""
-    ns = netns_name(node)
-    if not netns_exists(ns) or not link_exists(veth_name(node, index)):
-        return False
-    for link in _ip_json(["-n", ns, "addr", "show", "dev", NODE_IFNAME]):
+def _has_address(ns: str, ifname: str, address: str) -> bool:
+    for link in _ip_json(["-n", ns, "addr", "show", "dev", ifname]):
         infos = link.get("addr_info")
         if isinstance(infos, list) and any(
             isinstance(i, dict) and i.get("local") == address for i in infos
@@ -164,10 +239,48 @@ def node_network_ok(node: str, index: int, address: str) -> bool:
     return False
 
 
+def node_network_ok(node: str, index: int, address: str, public_address: str) -> bool:
+    """Whether the node's namespace, both veths and both addresses are in place."""
+    ns = netns_name(node)
+    return (
+        netns_exists(ns)
+        and link_exists(veth_name(node, index))
+        and link_exists(pub_veth_name(node, index))
+        and _has_address(ns, NODE_IFNAME, address)
+        and _has_address(ns, PUB_IFNAME, public_address)
+    )
+
+
 def remove_node_network(ns: str) -> None:
-    """Delete a namespace; its veth pair goes with it."""
+    """Delete a namespace; its veth pairs go with it."""
     if netns_exists(ns):
         run(["ip", "netns", "del", ns], check=False)
+
+
+def create_client_network() -> None:
+    """The client namespace: one link, on the public bridge only (no route elsewhere).
+
+    It accepts gratuitous ARP for addresses it has not seen yet (``arp_accept``), as a
+    client on a real segment does, so that it follows the service address at once.
+    """
+    ns = client_netns()
+    if not netns_exists(ns):
+        run(["ip", "netns", "add", ns])
+    _add_veth(ns, client_veth(), CLIENT_IFNAME, PUB_BRIDGE)
+    _sysctl_in(ns, {f"net/ipv4/conf/{CLIENT_IFNAME}/arp_accept": "1"})
+    in_ns = ["ip", "-n", ns]
+    run([*in_ns, "addr", "replace", f"{CLIENT_ADDRESS}/{PREFIX_LEN}", "dev", CLIENT_IFNAME])
+    run([*in_ns, "link", "set", "lo", "up"])
+    run([*in_ns, "link", "set", CLIENT_IFNAME, "up"])
+
+
+def client_network_ok() -> bool:
+    ns = client_netns()
+    return (
+        netns_exists(ns)
+        and link_exists(client_veth())
+        and _has_address(ns, CLIENT_IFNAME, CLIENT_ADDRESS)
+    )
 
 
 def set_link(name: str, up: bool) -> None:

@@ -1,11 +1,13 @@
 """The lab: several Stead hosts on one machine, as Linux namespaces.
 
-Each node is a network namespace on a shared bridge, a UTS namespace with the node's host
-name, and a mount namespace where the protected path ``/srv/lab`` is the node's own ext4 file
-system (a sparse image, loop-mounted). A holder process keeps these namespaces alive (see
-``stead.lab.holder``); the node's agent and every command for the node enter them with
-``nsenter -t HOLDER -m -u -n``. Configuration, state and the agent's API socket stay on the
-host disk under ``DIR/<node>``, so the host reaches them directly.
+Each node is a network namespace on two shared bridges (the channel network and the public
+network, see ``stead.lab.netns``), a UTS namespace with the node's host name, and a mount
+namespace where the protected path ``/srv/lab`` is the node's own ext4 file system (a sparse
+image, loop-mounted). A client namespace sits on the public network only. A holder process
+keeps a node's namespaces alive (see ``stead.lab.holder``); the node's agent and every
+command for the node enter them with ``nsenter -t HOLDER -m -u -n``. Configuration, state
+and the agent's API socket stay on the host disk under ``DIR/<node>``, so the host reaches
+them directly.
 
 Timing duties: ``up``, ``start`` and ``stop`` wait, within bounds, for what they started or
 stopped to be observable (pid files, the agent's socket accepting, processes gone); they
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shlex
 import signal
 import socket
@@ -25,12 +26,14 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from stead.errors import LabError
 from stead.lab import cleanup, netns, procs, state
-from stead.lab.config import NodePaths, write_cluster_config
+from stead.lab.config import NodePaths, Timing, write_cluster_config
+from stead.lab.disk import FILL_FILE, FILL_SCRIPT, make_image, parse_size
 from stead.lab.state import LabState, NodeState
+from stead.lab.status import describe
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +46,8 @@ FIRST_NAMES = ("primary", "secondary", "tertiary")
 HOLDER_TIMEOUT = 15.0
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
-FILL_FILE = ".stead-lab-fill"
-_SIZE = re.compile(r"^(\d+)([KMGT]?)i?B?$", re.IGNORECASE)
+NETWORKS = ("channel", "public")
+Network = Literal["channel", "public", "all"]
 
 
 def node_names(count: int) -> list[str]:
@@ -52,15 +55,6 @@ def node_names(count: int) -> list[str]:
     if count < 1:
         raise LabError("a lab needs at least one node")
     return [FIRST_NAMES[i] if i < len(FIRST_NAMES) else f"node{i + 1}" for i in range(count)]
-
-
-def parse_size(text: str) -> int:
-    """``2G``, ``512M``, ``1048576`` (powers of 1024) to bytes."""
-    match = _SIZE.match(text.strip())
-    if not match:
-        raise LabError(f"not a size: {text!r} (examples: 2G, 512M)")
-    unit: int = 1024 ** "BKMGT".index((match[2] or "B").upper())
-    return int(match[1]) * unit
 
 
 def default_dir() -> Path:
@@ -90,7 +84,11 @@ class Lab:
     ``{state_dir}`` and ``{dir}`` are replaced. ``wait_ready`` makes ``up``/``start`` wait
     for the agent's socket; by default only for the real agent (or ``$STEAD_LAB_WAIT_READY``).
     Both are recorded by ``up`` and reused by later ``start`` calls. ``skip_init`` skips
-    ``stead init`` (default: ``$STEAD_LAB_SKIP_INIT``).
+    ``stead init`` (default: ``$STEAD_LAB_SKIP_INIT``). ``heartbeat`` and
+    ``failover_timeout`` set the failover timing of the cluster configuration (see ``up``).
+
+    Besides its nodes, a lab has a client: the network namespace ``stead-client``, on the
+    public network only, named ``client`` in ``command``, ``exec`` and ``popen``.
     """
 
     def __init__(
@@ -100,11 +98,15 @@ class Lab:
         agent_cmd: str | None = None,
         wait_ready: bool | None = None,
         skip_init: bool | None = None,
+        heartbeat: float | None = None,
+        failover_timeout: float | None = None,
     ) -> None:
         self.dir = Path(os.path.abspath(dir if dir is not None else default_dir()))
         self._agent_cmd = agent_cmd if agent_cmd is not None else os.environ.get(AGENT_CMD_ENV)
         self._wait_ready = wait_ready
         self._skip_init = skip_init
+        self._heartbeat = heartbeat
+        self._failover_timeout = failover_timeout
 
     def __repr__(self) -> str:
         return f"Lab({str(self.dir)!r})"
@@ -169,8 +171,21 @@ class Lab:
 
     # -- up and down ---------------------------------------------------------------------
 
-    def up(self, n: int = 3, disk_size: str = "2G") -> dict[str, Any]:
-        """Build the lab with ``n`` nodes, or complete it: running pieces are kept."""
+    def up(
+        self,
+        n: int = 3,
+        disk_size: str = "2G",
+        *,
+        heartbeat: float | None = None,
+        failover_timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Build the lab with ``n`` nodes, or complete it: running pieces are kept.
+
+        ``heartbeat`` and ``failover_timeout`` (seconds) go into every node's configuration
+        (``channel.heartbeat``, ``failover.timeout``); given here or to the constructor, they
+        are recorded, and a later ``up`` without them keeps them. Agents whose configuration
+        files changed are restarted, since they read them only when they start.
+        """
         _require_root()
         names = node_names(n)
         parse_size(disk_size)
@@ -184,30 +199,49 @@ class Lab:
             current.wait_ready = (
                 self._wait_ready if self._wait_ready is not None else real_agent or env_wait
             )
-            for extra in [name for name in current.nodes if name not in names]:
-                self._teardown(current.nodes.pop(extra))
-            cleanup.claim(self.dir)
-            netns.ensure_bridge()
+            current.heartbeat = _first(heartbeat, self._heartbeat, current.heartbeat)
+            current.failover_timeout = _first(
+                failover_timeout, self._failover_timeout, current.failover_timeout
+            )
+            extras = [current.nodes.pop(name) for name in list(current.nodes) if name not in names]
             for index, name in enumerate(names):
                 old = current.nodes.get(name)
-                address = netns.node_address(index)
                 if old is None or old.index != index:
-                    current.nodes[name] = NodeState(
-                        name, index, address, netns.netns_name(name), netns.veth_name(name, index)
+                    old = current.nodes[name] = NodeState(
+                        name=name,
+                        index=index,
+                        address=netns.node_address(index),
+                        netns=netns.netns_name(name),
+                        veth=netns.veth_name(name, index),
                     )
-            write_cluster_config(
+                # Derived by convention; also fills in state of labs older than pub0.
+                old.public_address = netns.node_public_address(index)
+                old.pub_veth = netns.pub_veth_name(name, index)
+            # The configuration first: a setting it refuses changes nothing that runs.
+            changed = write_cluster_config(
                 self.dir,
                 self.addresses_of(current),
                 {name: self.paths(name) for name in names},
                 active=current.active,
                 protect=current.protect,
                 skip=self._skip_init,
+                timing=Timing(current.heartbeat, current.failover_timeout),
             )
+            for extra in extras:
+                self._teardown(extra)
+            cleanup.claim(self.dir)
+            netns.ensure_bridges()
+            if not netns.client_network_ok():
+                cleanup.teardown_client()
+                netns.create_client_network()
             for name in names:
                 self._ensure_node(current, current.nodes[name])
                 state.save(self.dir, current)
             for name in names:
-                self._ensure_agent(current, current.nodes[name])
+                node = current.nodes[name]
+                if name in changed:
+                    self._stop_agent(node, STOP_TIMEOUT)  # it has the old configuration
+                self._ensure_agent(current, node)
                 state.save(self.dir, current)
             if current.wait_ready:
                 for name in names:
@@ -232,8 +266,9 @@ class Lab:
             stray = procs.holder_processes(str(self.dir))
             if stray:
                 procs.kill_pids(stray)
-            if not [link for link in netns.list_lab_links() if link != netns.BRIDGE]:
-                netns.remove_bridge()
+            cleanup.teardown_client()
+            if not [link for link in netns.list_lab_links() if link not in netns.BRIDGES]:
+                netns.remove_bridges()
                 netns.clear_drop()
             state.remove(self.dir)
             cleanup.release(self.dir)
@@ -247,7 +282,8 @@ class Lab:
             )
 
     def _teardown(self, node: NodeState) -> None:
-        cleanup.teardown_node(node.netns, node.veth, self.paths(node.name).image, [node.holder])
+        veths = [node.veth, node.pub_veth]
+        cleanup.teardown_node(node.netns, veths, self.paths(node.name).image, [node.holder])
         node.set_holder(None)
         node.set_agent(None)
 
@@ -256,14 +292,14 @@ class Lab:
         if (
             holder is not None
             and holder.alive()
-            and netns.node_network_ok(node.name, node.index, node.address)
+            and netns.node_network_ok(node.name, node.index, node.address, node.public_address)
         ):
             return
         self._teardown(node)
         paths = self.paths(node.name)
         if not paths.image.exists():
-            _make_image(paths.image, parse_size(current.disk_size), node.name)
-        netns.create_node_network(node.name, node.index, node.address)
+            make_image(paths.image, parse_size(current.disk_size), node.name)
+        netns.create_node_network(node.name, node.index, node.address, node.public_address)
         node.set_holder(self._start_holder(node, paths))
 
     def _start_holder(self, node: NodeState, paths: NodePaths) -> procs.ProcRef:
@@ -360,12 +396,16 @@ class Lab:
 
     def stop(self, name: str, timeout: float = STOP_TIMEOUT) -> None:
         """SIGTERM the agent's process group; SIGKILL it if it outlives ``timeout``."""
-        agent = self._node(name).agent
+        self._stop_agent(self._node(name), timeout)
+
+    @staticmethod
+    def _stop_agent(node: NodeState, timeout: float) -> None:
+        agent = node.agent
         if agent is None or not procs.signal_group(agent, signal.SIGTERM):
             return
         procs.signal_group(agent, signal.SIGCONT)  # a frozen agent (sigstop) must see it
         if not procs.wait_until(lambda: not procs.group_members(agent.pid), timeout):
-            log.warning("agent of %s ignored SIGTERM for %.0f s; killing it", name, timeout)
+            log.warning("agent of %s ignored SIGTERM for %.0f s; killing it", node.name, timeout)
             procs.kill_group(agent)
 
     def kill(self, name: str) -> None:
@@ -383,7 +423,15 @@ class Lab:
     # -- commands in a node --------------------------------------------------------------
 
     def command(self, name: str, argv: Sequence[str], *, cwd: str | None = None) -> list[str]:
-        """``argv`` prefixed so that it runs inside the node's namespaces."""
+        """``argv`` prefixed so that it runs inside the node's namespaces.
+
+        For ``client``, inside the client's network namespace (the working directory stays).
+        """
+        if name == netns.CLIENT:
+            self._state()
+            if not netns.netns_exists(netns.client_netns()):
+                raise LabError("the lab has no client namespace; run `stead lab up`")
+            return ["ip", "netns", "exec", netns.client_netns(), *argv]
         holder = self._node(name).holder
         if holder is None or not holder.alive():
             raise LabError(f"node {name} is not running; run `stead lab up`")
@@ -394,12 +442,12 @@ class Lab:
 
     def node_env(self, name: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """Environment for commands in the node: the stead CLI finds the node's config."""
-        paths = self.paths(name)
         env = dict(os.environ)
         env.pop(AGENT_CMD_ENV, None)
         bin_dir = str(Path(sys.executable).parent)
         env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")])
-        env["STEAD_CONFIG_DIR"] = str(paths.etc)
+        if name != netns.CLIENT:  # the client is no node: it has no configuration
+            env["STEAD_CONFIG_DIR"] = str(self.paths(name).etc)
         env["STEAD_LAB_NODE"] = name
         env[LAB_DIR_ENV] = str(self.dir)
         env.update(extra or {})
@@ -435,15 +483,35 @@ class Lab:
 
     # -- network faults ------------------------------------------------------------------
 
-    def partition(self, name: str) -> None:
-        """Cut the node off the bridge (its host-side veth goes down)."""
-        netns.set_link(self._node(name).veth, up=False)
+    def partition(self, name: str, network: Network = "all") -> None:
+        """Cut the node off the channel network, the public network, or both ("all"): the
+        host-side veth on that bridge goes down."""
+        for veth in _veths(self._node(name), network).values():
+            netns.set_link(veth, up=False)
 
-    def heal(self, name: str | None = None) -> None:
-        """Reconnect one node, or every node."""
+    def heal(self, name: str | None = None, network: Network = "all") -> None:
+        """Reconnect one node, or every node, to the network(s) named."""
         names = [name] if name else list(self._state().nodes)
         for each in names:
-            netns.set_link(self._node(each).veth, up=True)
+            for veth in _veths(self._node(each), network).values():
+                netns.set_link(veth, up=True)
+
+    def ping(
+        self,
+        source: str,
+        address: str,
+        *,
+        timeout: float = 1.0,
+        count: int = 1,
+        interface: str | None = None,
+    ) -> bool:
+        """Whether ``address`` answers ICMP echo sent from ``source`` (a node or ``client``)
+        within ``count`` tries of ``timeout`` seconds, through ``interface`` if given."""
+        argv = [sys.executable, "-m", "stead.lab.ping", address]
+        argv += [f"--timeout={timeout}", f"--count={count}"]
+        if interface:
+            argv.append(f"--interface={interface}")
+        return self.exec(source, argv, capture=True, timeout=count * timeout + 30).returncode == 0
 
     def netem(self, name: str, delay_ms: float = 0, loss_pct: float = 0) -> None:
         """Delay and drop packets towards the node; ``netem(node)`` clears it."""
@@ -468,7 +536,7 @@ class Lab:
 
     def fill_disk(self, name: str) -> None:
         """Fill the node's file system (``/srv/lab/.stead-lab-fill``) until it is full."""
-        self.exec(name, [sys.executable, "-c", _FILL_SCRIPT, PROTECT, FILL_FILE], check=True)
+        self.exec(name, [sys.executable, "-c", FILL_SCRIPT, PROTECT, FILL_FILE], check=True)
 
     def free_disk(self, name: str) -> None:
         self.exec(name, ["rm", "-f", f"{PROTECT}/{FILL_FILE}"], check=True)
@@ -476,76 +544,28 @@ class Lab:
     # -- status --------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        current = state.load(self.dir)
-        result: dict[str, Any] = {
-            "dir": str(self.dir),
-            "up": current is not None,
-            "bridge": netns.BRIDGE,
-            "bridge_address": netns.BRIDGE_ADDRESS,
-            "bridge_present": netns.link_exists(netns.BRIDGE),
-            "active": current.active if current else None,
-            "protect": PROTECT,
-            "nodes": {},
-        }
-        for name, node in (current.nodes if current else {}).items():
-            paths = self.paths(name)
-            holder, agent = node.holder, node.agent
-            holder_alive = holder is not None and holder.alive()
-            result["nodes"][name] = {
-                "name": name,
-                "address": node.address,
-                "netns": node.netns,
-                "veth": node.veth,
-                "holder_pid": node.holder_pid,
-                "holder_alive": holder_alive,
-                "agent_pid": node.agent_pid,
-                "agent_alive": agent is not None and agent.alive(),
-                "partitioned": netns.link_exists(node.veth) and not netns.link_is_up(node.veth),
-                "socket": str(paths.socket),
-                "fs_path": f"/proc/{node.holder_pid}/root{PROTECT}" if holder_alive else None,
-                "config_dir": str(paths.etc),
-                "state_dir": str(paths.state),
-                "agent_log": str(paths.agent_log),
-            }
-        return result
+        """What the lab is made of and what runs (``stead lab status --json``)."""
+        return describe(self.dir, state.load(self.dir), self.paths, PROTECT)
 
 
-_FILL_SCRIPT = """
-import errno, os, sys
-root, name = sys.argv[1], sys.argv[2]
-fd = os.open(os.path.join(root, name), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-st = os.statvfs(root)
-try:
-    os.posix_fallocate(fd, os.fstat(fd).st_size, max(st.f_bavail * st.f_frsize, 1))
-except OSError as exc:
-    if exc.errno != errno.ENOSPC:
-        raise
-size = 1 << 20
-while size:
-    try:
-        os.write(fd, bytes(size))
-    except OSError as exc:
-        if exc.errno != errno.ENOSPC:
-            raise
-        size //= 2
-os.fsync(fd)
-"""
+def _veths(node: NodeState, network: str) -> dict[str, str]:
+    """The node's host-side veths on ``network``, by network name."""
+    if network not in (*NETWORKS, "all"):
+        raise LabError(f"no network {network!r} (networks: {', '.join(NETWORKS)}, all)")
+    links = {"channel": node.veth, "public": node.pub_veth}
+    chosen = {name: veth for name, veth in links.items() if network in (name, "all")}
+    if not all(chosen.values()):
+        raise LabError(f"node {node.name} has no public link; run `stead lab up` again")
+    return chosen
+
+
+def _first(*values: float | None) -> float | None:
+    return next((value for value in values if value is not None), None)
 
 
 def _require_root() -> None:
     if os.geteuid() != 0:
         raise LabError("the lab needs root (namespaces, loop devices, links)")
-
-
-def _make_image(image: Path, size: int, label: str) -> None:
-    """A sparse ext4 image with many inodes (tests make many small files)."""
-    with open(image, "wb") as out:
-        out.truncate(size)
-    lazy = "lazy_itable_init=1,lazy_journal_init=1,nodiscard"
-    label = f"stead-{label}"[:16]
-    netns.run(
-        ["mkfs.ext4", "-q", "-F", "-i", "4096", "-m", "0", "-L", label, "-E", lazy, str(image)]
-    )
 
 
 def _socket_accepts(path: Path) -> bool:

@@ -34,6 +34,8 @@ class NodeState:
     address: str
     netns: str
     veth: str
+    public_address: str = ""  # "" in state files of labs built before the public network
+    pub_veth: str = ""
     holder_pid: int | None = None
     holder_start: int | None = None
     agent_pid: int | None = None
@@ -66,6 +68,8 @@ class LabState:
     protect: str = "/srv/lab"
     agent_cmd: str | None = None
     wait_ready: bool = True
+    heartbeat: float | None = None  # None: the configuration's default
+    failover_timeout: float | None = None
     nodes: dict[str, NodeState] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
