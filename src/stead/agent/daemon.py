@@ -15,17 +15,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stead.agent.jobs import Job, JobTable
+from stead.agent.jobs import JobTable
 from stead.agent.progress import AppendLog
+from stead.agent.requests import OperatorRequests
+from stead.agent.roles import JOURNAL_RESTART_KEY, RoleChanges
+from stead.agent.switchover import Procedures
 from stead.api.server import serve_unix
+from stead.channel import messages as m
 from stead.channel import transport
 from stead.channel.transport import Connection
 from stead.config.load import Loaded
 from stead.errors import (
     AuthenticationError,
     JournalError,
-    SteadError,
-    TimeoutExpired,
+    ProtocolError,
     UsageError,
 )
 from stead.replication import check
@@ -37,14 +40,14 @@ from stead.replication.entries import Entry
 from stead.replication.filters import Filter
 from stead.replication.journal import Journal, ReceiveQueue
 from stead.replication.manifest import Manifest
-from stead.replication.receiver import Receiver
+from stead.replication.receiver import WROTE_KEY, Receiver
 from stead.replication.sender import PeerState, Sender
 from stead.store.db import StateStore
 
 log = logging.getLogger(__name__)
 
 
-class Agent:
+class Agent(OperatorRequests, RoleChanges, Procedures):
     def __init__(self, loaded: Loaded) -> None:
         self.loaded = loaded
         self.cluster = loaded.cluster
@@ -57,12 +60,16 @@ class Agent:
         )
         self.epoch: int = int(self.store.get("epoch", 1 if self.role == "active" else 0))
         self.store.set_many({"role": self.role, "epoch": self.epoch})
+        if self.role == "active" and self.store.get(WROTE_KEY) is None:
+            self.store.set(WROTE_KEY, self.epoch)
         self.clean_start = bool(self.store.get("clean_shutdown", True))
         self.store.set("clean_shutdown", False)
+        self.quarantine_dir = self.state_dir / "quarantine"
         self.roots = {p.path: Path(p.path) for p in self.cluster.protected}
         self.filters = {p.path: Filter(p.include, p.exclude) for p in self.cluster.protected}
         self.jobs = JobTable()
         self.started = time.time()
+        self.started_monotonic = time.monotonic()
         self.journal: Journal | None = None
         self.manifest: Manifest | None = None
         self.capture: EventCapture[Any] | None = None
@@ -79,6 +86,10 @@ class Agent:
         self._clean = False
         self._unflushed = False
         self.journal_error = ""
+        self._role_change = asyncio.Event()
+        self._runtime_ready = asyncio.Event()
+        self._switch_waiters: list[asyncio.Future[None]] = []
+        self.init_roles()
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -95,16 +106,18 @@ class Agent:
         log.info("%s starting as %s, epoch %d", self.me, self.role, self.epoch)
         try:
             async with asyncio.TaskGroup() as tasks:
-                if self.role == "active":
-                    await self._start_active(tasks)
-                else:
-                    await self._start_passive(tasks)
+                self.tasks = tasks
+                await self.recover_identity()
+                tasks.create_task(self._roles())
+                await self._runtime_ready.wait()
                 servers = await self._listen()
                 api = await serve_unix(self, self.loaded.api_socket)
+                self.start_cycle(tasks)
                 try:
                     await self._stop.wait()
                 finally:
                     log.info("%s stopping", self.me)
+                    await self.stop_roles()
                     if self.journal is not None:
                         # What capture handed over reaches the journal before a clean stop.
                         try:
@@ -121,45 +134,95 @@ class Agent:
         except* _Stopping:
             self._clean = not self._unflushed
         finally:
+            self._close_runtime()
             self._close()
 
     def _close(self) -> None:
-        if self.journal is not None:
-            self.journal.sync()
-            self.journal.close()
-        if self.manifest is not None:
-            self.manifest.close()
-        if self.receiver is not None:
-            self.receiver.queue.sync()
-            self.receiver.queue.close()
         if self._clean:
             self.store.set("clean_shutdown", True)
             self.store.event("stop", "agent stopped cleanly")
         self.store.close()
 
+    def _close_runtime(self) -> None:
+        """Close what the current role opened (its tasks are gone already)."""
+        if self.journal is not None:
+            self.journal.sync()
+            self.journal.close()
+            self.journal = None
+        if self.manifest is not None:
+            self.manifest.close()
+            self.manifest = None
+        if self.receiver is not None:
+            self.receiver.queue.sync()
+            self.receiver.queue.close()
+            self.receiver.applier.close()
+            self.receiver = None
+        self.capture = None
+        self.senders = {}
+        self.capture_phase = ""
+
+    async def _roles(self) -> None:
+        """Run the current role's tasks; rebuild them whenever the role changes."""
+        while True:
+            role = self.role
+            self._role_change.clear()
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    if role == "active":
+                        await self._start_active(tasks)
+                    else:
+                        await self._start_passive(tasks)
+                    self._runtime_ready.set()
+                    waiters, self._switch_waiters = self._switch_waiters, []
+                    for waiter in waiters:
+                        if not waiter.done():
+                            waiter.set_result(None)
+                    await self._role_change.wait()
+                    if self.receiver is not None:
+                        await self.receiver.close()
+                    raise _RoleSwitch
+            except* _RoleSwitch:
+                pass
+            finally:
+                self._runtime_ready.clear()
+                self._close_runtime()
+            log.info("%s: %s runtime stopped, starting %s", self.me, role, self.role)
+
+    async def switch_runtime(self) -> None:
+        """Tear the current role's tasks down and start the other role's (self.role)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._switch_waiters.append(done)
+        self._role_change.set()
+        await done
+
     async def _listen(self) -> list[transport.ChannelServer]:
         addresses = self.loaded.node.listen or self.cluster.node(self.me).addresses
-        return [
-            await transport.serve(
-                address,
-                self.cluster.channel.port,
-                self.server_ssl,
-                self._on_connection,
-                max_frame=self.cluster.channel.max_frame,
-                compression=self.cluster.channel.compression,
-            )
-            for address in addresses
-        ]
+        return [await self.listen_on(address) for address in addresses]
+
+    async def listen_on(self, address: str) -> transport.ChannelServer:
+        return await transport.serve(
+            address,
+            self.cluster.channel.port,
+            self.server_ssl,
+            self._on_connection,
+            max_frame=self.cluster.channel.max_frame,
+            compression=self.cluster.channel.compression,
+        )
 
     async def _on_connection(self, conn: Connection) -> None:
         if conn.peer_name not in [n.name for n in self.cluster.nodes]:
             raise AuthenticationError(f"{conn.peer_name!r} is not a node of this cluster")
-        if self.receiver is None:
-            from stead.channel import messages as m
-
+        hello = await conn.recv(timeout=self.cluster.channel.peer_timeout)
+        if not isinstance(hello, m.Hello):
+            raise ProtocolError(f"expected hello, got {type(hello).__name__}")
+        if hello.purpose == "heartbeat":
+            await self.membership.serve(conn, hello)
+            return
+        receiver = self.receiver
+        if receiver is None or self.role != "passive":
             await conn.send(m.Error(code="role", message=f"{self.me} is active"))
             return
-        await self.receiver.serve_connection(conn)
+        await receiver.serve_connection(conn, hello)
 
     # ---- active ------------------------------------------------------------------------
 
@@ -171,6 +234,14 @@ class Agent:
             fsync=replication.fsync,
             segment_bytes=segment_bytes(replication.journal_max),
         )
+        restart_at = self.store.get(JOURNAL_RESTART_KEY)
+        promoted = restart_at is not None
+        if restart_at is not None:
+            # This node just took over: its journal continues from its applied position,
+            # and block hashes from an earlier time as active no longer describe its files.
+            self.journal.restart_at(int(restart_at))
+            (self.state_dir / "manifest.db").unlink(missing_ok=True)
+            self.store.set_many({JOURNAL_RESTART_KEY: None, "initial_scan_done": True})
         self.manifest = Manifest(self.state_dir / "manifest.db", replication.block_size)
         for source in QUEUE_SYSCTLS:
             raise_queue_limit(source)
@@ -190,8 +261,9 @@ class Agent:
                 epoch=lambda: self.epoch,
                 on_connected=self._peer_connected,
                 on_ack=self._acked.set,
+                lineage=self.lineage_start,
             )
-            if not first_start:
+            if not first_start and not promoted:
                 # Changes made while this agent was down are found by a check.
                 stored = self.store.get(f"needs_check:{peer.name}")
                 sender.state.require_check(
@@ -385,6 +457,7 @@ class Agent:
             segment_bytes=segment_bytes(replication.journal_max),
         )
         applier = Applier(self.roots)
+        applier.quarantine_dir = self.quarantine_dir
         applier.recover()
         self.receiver = Receiver(
             me=self.me,
@@ -394,6 +467,7 @@ class Agent:
             store=self.store,
             epoch=lambda: self.epoch,
             handle_request=self._handle_request,
+            on_epoch=self.follow_epoch,
         )
         tasks.create_task(self.receiver.apply_loop())
         tasks.create_task(self.receiver.sync_loop())
@@ -402,117 +476,6 @@ class Agent:
         if kind == "list":
             return await check.answer_list(self.roots, self.filters, body)
         raise UsageError(f"unknown request {kind!r}")
-
-    # ---- operator requests -------------------------------------------------------------
-
-    async def wait_sync(self, timeout: float, *, require_all: bool = False) -> dict[str, Any]:
-        """Wait until every connected passive has applied the head as of now, with no check
-        due; with ``require_all``, every passive must be connected too."""
-        if self.role != "active" or self.journal is None or self.capture is None:
-            raise UsageError(f"{self.me} is passive; ask the active node")
-        deadline = time.monotonic() + timeout
-        try:
-            async with asyncio.timeout(timeout):
-                await self.capture.drain()
-                await self.flush_emitted()
-                async with self._emit_lock:
-                    head = self.journal.head
-        except TimeoutError:
-            raise TimeoutExpired(f"capture did not drain within {timeout} s") from None
-        if self.journal_error:
-            raise TimeoutExpired(f"the journal refuses writes: {self.journal_error}")
-        result: dict[str, Any] = {"head": head, "nodes": {}}
-        for name, sender in self.senders.items():
-            state = sender.state
-            if not state.connected and not require_all:
-                result["nodes"][name] = "disconnected"
-                continue
-            remaining = max(0.0, deadline - time.monotonic())
-            if not await sender.wait_applied(head, remaining, settled=True):
-                why = (
-                    "is disconnected"
-                    if not state.connected
-                    else (
-                        f"has a {state.needs_check or 'running'} check"
-                        if state.needs_check or state.checking
-                        else f"applied {state.applied}"
-                    )
-                )
-                raise TimeoutExpired(f"{name} {why}; journal head {head}, waited {timeout} s")
-            result["nodes"][name] = state.applied
-        return result
-
-    def start_check(self, *, node: str | None, fast: bool) -> Job:
-        if self.role != "active":
-            raise UsageError(f"{self.me} is passive; run the check on the active node")
-        if node is not None and node not in self.senders:
-            raise UsageError(f"{node!r} is not a passive of this cluster")
-        candidates = [node] if node else list(self.senders)
-        targets = [n for n in candidates if self.senders[n].state.connected]
-        if not targets:
-            raise UsageError(f"{' and '.join(candidates)}: not connected, nothing to check")
-        for name in targets:
-            if self.senders[name].state.checking:
-                raise UsageError(f"a check of {name} is already running")
-        for name in targets:
-            self.senders[name].state.checking = True  # claimed now: no overlapping checks
-        skipped = [n for n in candidates if n not in targets]
-        job = self.jobs.create("check", {"nodes": targets, "fast": fast, "skipped": skipped})
-        job.task = asyncio.get_running_loop().create_task(self._run_check(job, targets, fast))
-        return job
-
-    async def _run_check(self, job: Job, targets: list[str], fast: bool) -> None:
-        assert self.journal is not None
-        assert self.capture is not None
-        pending = list(targets)
-        try:
-            while pending:
-                name = pending.pop(0)
-                state = self.senders[name].state
-                generation = state.needs_generation
-                try:
-                    report = await self._check_one(job, name, fast)
-                finally:
-                    state.checking = False
-                covered = not fast or state.needs_check == "fast"
-                if covered and state.needs_generation == generation:
-                    state.needs_check = None
-                await asyncio.to_thread(self.store.set, f"needs_check:{name}", state.needs_check)
-                job.result[name] = report
-                self.store.event(
-                    "check",
-                    f"{'fast' if fast else 'full'} check of {name}: "
-                    f"{len(report['differences'])} differences repaired",
-                )
-            job.finish()
-        except (SteadError, OSError) as exc:
-            job.fail(str(exc))
-            self.store.event("check", f"check failed: {exc}", level="error")
-        finally:
-            for name in pending:
-                self.senders[name].state.checking = False
-        if job.state != "done":
-            return  # a failed check runs again when the passive reconnects
-        for name in targets:  # anything raised meanwhile (a reset, a skipped entry) runs now
-            state = self.senders[name].state
-            if state.needs_check and state.connected and not state.checking:
-                self.start_check(node=name, fast=state.needs_check == "fast")
-
-    async def _check_one(self, job: Job, name: str, fast: bool) -> dict[str, Any]:
-        assert self.capture is not None
-        sender = self.senders[name]
-        await sender.request("check-started", {})
-        return await check.run_check(
-            sender=sender,
-            roots=self.roots,
-            filters=self.filters,
-            capture=self.capture,
-            block_size=self.cluster.replication.block_size,
-            fast=fast,
-            emit=self.emit,
-            head=lambda: self.journal.head if self.journal else 0,
-            progress=job.progress,
-        )
 
     # ---- status ------------------------------------------------------------------------
 
@@ -547,9 +510,11 @@ class Agent:
                 "bytes": self.journal.total_bytes,
             }
         else:
-            assert self.receiver is not None
-            me.update(self.receiver.status())
-            me["state"] = "connected" if self.receiver.connected else "disconnected"
+            if self.receiver is not None:
+                me.update(self.receiver.status())
+                me["state"] = "connected" if self.receiver.connected else "disconnected"
+            else:
+                me["state"] = "changing role"
             nodes.append(me)
             journal = {}
         return {
@@ -566,6 +531,8 @@ class Agent:
                 else {}
             ),
             "nodes": nodes,
+            "roles": self.roles_status(),
+            "failover_timeout": self.cluster.failover.timeout,
         }
 
 
@@ -581,6 +548,10 @@ def segment_bytes(bound: int) -> int:
 
 
 class _Stopping(Exception):
+    pass
+
+
+class _RoleSwitch(Exception):
     pass
 
 

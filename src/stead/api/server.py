@@ -111,6 +111,39 @@ async def start_check(request: web.Request) -> web.Response:
     return web.json_response(job.describe(), status=202)
 
 
+async def switchover(request: web.Request) -> web.Response:
+    from stead.errors import UsageError
+
+    body = await _json_body(request)
+    to = body.get("to")
+    if to is not None and not isinstance(to, str):
+        raise UsageError("to must be a node name")
+    job = _agent(request).start_switchover(to)
+    return web.json_response(job.describe(), status=202)
+
+
+async def failover(request: web.Request) -> web.Response:
+    return web.json_response(await _agent(request).request_failover())
+
+
+async def maintenance(request: web.Request) -> web.Response:
+    from stead.errors import UsageError
+
+    body = await _json_body(request)
+    on = body.get("on")
+    if not isinstance(on, bool):
+        raise UsageError("on must be true or false")
+    await _agent(request).set_maintenance(on)
+    return web.json_response({"maintenance": on})
+
+
+async def quarantine(request: web.Request) -> web.Response:
+    from stead.replication.quarantine import listing
+
+    agent = _agent(request)
+    return web.json_response({"node": agent.me, "generations": listing(agent.quarantine_dir)})
+
+
 async def get_job(request: web.Request) -> web.Response:
     from stead.errors import UsageError
 
@@ -144,6 +177,10 @@ def build_app(agent: Agent) -> web.Application:
     app.router.add_post("/v1/check", start_check)
     app.router.add_get("/v1/jobs/{job}", get_job)
     app.router.add_get("/v1/events", events)
+    app.router.add_post("/v1/switchover", switchover)
+    app.router.add_post("/v1/failover", failover)
+    app.router.add_post("/v1/maintenance", maintenance)
+    app.router.add_get("/v1/quarantine", quarantine)
     return app
 
 

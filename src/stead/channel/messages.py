@@ -95,10 +95,17 @@ class Hello(Message):
     applied_seq: int
     persisted_seq: int
     journal_head: int
+    # "replication" (the active's stream to a passive) or "heartbeat" (membership link).
+    purpose: str = "replication"
+    # The epoch whose history the node's position (applied/persisted) belongs to; -1: the
+    # same as ``epoch`` (older peers do not send it).
+    lineage: int = -1
 
     def to_wire(self) -> dict[str, Any]:
         return {
             "type": self.TYPE,
+            "purpose": self.purpose,
+            "lineage": self.lineage,
             "protocol": self.protocol,
             "cluster_id": self.cluster_id,
             "node": self.node,
@@ -124,7 +131,12 @@ class Hello(Message):
             applied_seq=f.uint("applied_seq"),
             persisted_seq=f.uint("persisted_seq"),
             journal_head=f.uint("journal_head"),
+            purpose=f.choice("purpose", PURPOSES, default="replication"),
+            lineage=f.optional_int("lineage", default=-1, minimum=-1),
         )
+
+
+PURPOSES = frozenset({"replication", "heartbeat"})
 
 
 @register("records")
@@ -201,13 +213,23 @@ class Ack(Message):
 @register("heartbeat")
 @dataclass(frozen=True, slots=True)
 class Heartbeat(Message):
-    """Periodic liveness and position; ``sent_at`` is the sender's wall clock (seconds)."""
+    """Periodic liveness and position; ``sent_at`` is the sender's wall clock (seconds).
+
+    On membership links it also carries what the decision cycle of the receiving node needs
+    to know of the sender (optional fields: older peers do not send them).
+    """
 
     epoch: int
     role: str
     sent_at: float
     journal_head: int
     applied_seq: int
+    in_sync: bool = True
+    sees_active: bool = True  # heard an active within the failover timeout
+    witnesses_ok: bool | None = None  # None: no witnesses configured
+    maintenance: bool = False
+    lineage: int = -1
+    active: str = ""  # the node the sender follows (or itself, when active)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -217,6 +239,12 @@ class Heartbeat(Message):
             "sent_at": float(self.sent_at),
             "journal_head": self.journal_head,
             "applied_seq": self.applied_seq,
+            "in_sync": self.in_sync,
+            "sees_active": self.sees_active,
+            "witnesses_ok": self.witnesses_ok,
+            "maintenance": self.maintenance,
+            "lineage": self.lineage,
+            "active": self.active,
         }
 
     @classmethod
@@ -228,6 +256,12 @@ class Heartbeat(Message):
             sent_at=f.number("sent_at"),
             journal_head=f.uint("journal_head"),
             applied_seq=f.uint("applied_seq"),
+            in_sync=f.flag("in_sync", default=True),
+            sees_active=f.flag("sees_active", default=True),
+            witnesses_ok=f.optional_flag("witnesses_ok"),
+            maintenance=f.flag("maintenance", default=False),
+            lineage=f.optional_int("lineage", default=-1, minimum=-1),
+            active=f.text("active") if "active" in wire else "",
         )
 
 
@@ -348,6 +382,32 @@ class _Fields:
         if not math.isfinite(result):
             raise ProtocolError(f"{self.name}: field {key!r} is not finite")
         return result
+
+    def flag(self, key: str, *, default: bool) -> bool:
+        if key not in self.wire:
+            return default
+        return self.get(key, bool)
+
+    def optional_flag(self, key: str) -> bool | None:
+        if self.wire.get(key) is None:
+            return None
+        return self.get(key, bool)
+
+    def optional_int(self, key: str, *, default: int, minimum: int) -> int:
+        if key not in self.wire:
+            return default
+        value = self.get(key, int)
+        if value < minimum:
+            raise ProtocolError(f"{self.name}: field {key!r} is below {minimum} ({value})")
+        return value
+
+    def choice(self, key: str, allowed: frozenset[str], *, default: str) -> str:
+        if key not in self.wire:
+            return default
+        value = self.get(key, str)
+        if value not in allowed:
+            raise ProtocolError(f"{self.name}: field {key!r} is not one of {sorted(allowed)}")
+        return value
 
     def body(self, key: str) -> dict[str, Any]:
         value = self.get(key, dict)

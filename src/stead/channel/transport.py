@@ -148,6 +148,12 @@ class Connection:
     def peer_address(self) -> Any:
         return self._writer.get_extra_info("peername")
 
+    @property
+    def local_address(self) -> str:
+        """Our address on this connection: which channel it came in on."""
+        sockname = self._writer.get_extra_info("sockname")
+        return str(sockname[0]) if sockname else "?"
+
     async def send(self, msg: Message) -> None:
         """Send one message and wait until the transport has taken it (bounded)."""
         self._check_usable()

@@ -65,7 +65,40 @@ def status(
     if as_json:
         print(json.dumps(data, indent=2))
         return
-    Console().print(render_status(data))
+    console = Console()
+    console.print(render_status(data))
+    for line in render_roles(data):
+        console.print(line, highlight=False)
+
+
+def render_roles(data: dict[str, Any]) -> list[str]:
+    """Public identity, heartbeats per channel, services, and the last decision."""
+    roles = data.get("roles") or {}
+    if not roles:
+        return []
+    lines = [
+        f"public identity: {roles.get('public_holder') or 'nobody'}"
+        + ("  [maintenance: not monitoring or acting]" if roles.get("maintenance") else "")
+    ]
+    for name, peer in (roles.get("membership") or {}).items():
+        channels = ", ".join(
+            f"{address} {age:.2f} s" for address, age in sorted(peer["channels"].items())
+        )
+        age = peer.get("heartbeat_age")
+        lines.append(
+            f"heartbeat from {name}: "
+            + ("never" if age is None else f"{age:.2f} s ago")
+            + (f" ({channels})" if channels else "")
+        )
+    for service in roles.get("services") or []:
+        state = "running" if service.get("running") else "stopped"
+        lines.append(f"service {service.get('name')}: {state}")
+    witnesses = roles.get("witnesses") or {}
+    if witnesses.get("ok") is not None:
+        lines.append(f"witnesses: {'reachable' if witnesses['ok'] else 'LOST'}")
+    if roles.get("decision"):
+        lines.append(f"decision: {roles['decision']}")
+    return lines
 
 
 def wait_sync(

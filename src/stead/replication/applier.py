@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from stead.errors import ApplyError, OutOfSync, UnsafePath
+from stead.replication import quarantine
 from stead.replication.entries import Entry, Op
 from stead.replication.pathsafe import RootDir, lstat_at, open_child_dir, split_relative
 
@@ -119,6 +120,10 @@ class Applier:
         self._returned_seq: int | None = None  # apply() without commit: stored by the caller
         self._dirty: set[str] = set()
         self.stats = ApplierStats()
+        # Set while this node, a former active, is repaired after a fork: every path about
+        # to be replaced is kept first (see quarantine.py).
+        self.quarantine: str | None = None
+        self.quarantine_dir: Path | None = None
 
     # -- public ----------------------------------------------------------------------------
 
@@ -312,6 +317,8 @@ class Applier:
         try:
             root = self._check(entry)
             root.dir.trim()
+            if self.quarantine and self.quarantine_dir is not None:
+                self._keep(entry, root)
             handler = self._handlers[entry.op]
             handler(self, seq, entry, root)
         except UnsafePath as exc:
@@ -341,6 +348,26 @@ class Applier:
         except OSError as exc:
             raise _apply_error(seq, entry, exc) from exc
         self.stats.entries_applied += 1
+
+    def _keep(self, entry: Entry, root: _Root) -> None:
+        assert self.quarantine is not None and self.quarantine_dir is not None
+        if entry.op is Op.META:
+            return
+        # A rename replaces its target; everything else replaces (or removes) its path.
+        for path in [entry.target] if entry.op is Op.RENAME else [entry.path]:
+            try:
+                parent_fd, name = root.dir.open_parent(path)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            quarantine.keep(
+                self.quarantine_dir,
+                self.quarantine,
+                root.key,
+                path,
+                parent_fd,
+                name,
+                f"{entry.op.name.lower()} after the fork",
+            )
 
     def _check(self, entry: Entry) -> _Root:
         """Refuse an entry whose root is unknown or whose paths are unsafe or reserved."""

@@ -241,6 +241,12 @@ class Journal(_TypedLog):
         """Drop entries above ``seq`` (the node's history forked there); durable on return."""
         self.log.truncate_after(seq)
 
+    def restart_at(self, base: int) -> None:
+        """Forget every entry and continue numbering after ``base``: a node taking over
+        starts its journal where its applied position stands. Durable on return."""
+        self.log.reset(base)
+        self._notify()
+
 
 class ReceiveQueue(_TypedLog):
     """Entries a passive has persisted (and acknowledged) but not yet applied."""

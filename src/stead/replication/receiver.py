@@ -35,6 +35,10 @@ APPLIED_KEY = "applied_seq"
 OUT_OF_SYNC_KEY = "out_of_sync"
 RESET_KEY = "reset_pending"
 PEER_EPOCH_KEY = "active_epoch"
+LINEAGE_KEY = "lineage"  # the epoch whose history our position belongs to
+CHECK_DUE_KEY = "check_due"  # reset: a full check must still repair what may differ
+QUARANTINE_KEY = "quarantine"  # set while divergent files must be kept before repair
+WROTE_KEY = "wrote_lineage"  # the epoch in which this node itself was the active
 TRIM_EVERY = 1000  # applied records between attempts to drop applied queue segments
 APPLY_BYTES = 32 * 1024**2  # file data per applier batch (one group commit)
 RequestHandler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -51,6 +55,7 @@ class Receiver:
         store: StateStore,
         epoch: Callable[[], int],
         handle_request: RequestHandler,
+        on_epoch: Callable[[int], None] | None = None,
     ) -> None:
         self.me = me
         self.cluster = cluster
@@ -59,6 +64,7 @@ class Receiver:
         self.store = store
         self.epoch = epoch
         self.handle_request = handle_request
+        self.on_epoch = on_epoch
         self.active_name: str = ""
         self.connected = False
         self.last_heartbeat = 0.0
@@ -79,6 +85,29 @@ class Receiver:
         self.applied: int = int(store.get(APPLIED_KEY, queue.first - 1 if queue.head else 0))
         self.memory_head = self.applied
         self.out_of_sync = bool(store.get(OUT_OF_SYNC_KEY, False))
+        self.lineage = int(store.get(LINEAGE_KEY, epoch()))
+        self.check_due = bool(store.get(CHECK_DUE_KEY, False))
+        self.applier.quarantine = store.get(QUARANTINE_KEY)
+
+    @property
+    def in_sync(self) -> bool:
+        """Nothing known to differ from the active's history (lag aside)."""
+        return not (self.out_of_sync or self.check_due)
+
+    async def wait_applied_all(self) -> None:
+        """Return once everything received and made durable has been applied."""
+        while self._pending() or self.applied < self.persisted:
+            self._progress.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await self._progress.wait()
+
+    async def close(self) -> None:
+        """End the session with the active (this node is changing role)."""
+        current, self._current = self._current, None
+        self.connected = False
+        if current is not None:
+            await current.close()
 
     # ---- applier -----------------------------------------------------------------------
 
@@ -201,12 +230,9 @@ class Receiver:
 
     # ---- channel -----------------------------------------------------------------------
 
-    async def serve_connection(self, conn: Connection) -> None:
+    async def serve_connection(self, conn: Connection, hello: m.Hello) -> None:
         """One session with the active; a newer session replaces an older one."""
         timeout = self.cluster.channel.peer_timeout
-        hello = await conn.recv(timeout=timeout)
-        if not isinstance(hello, m.Hello):
-            raise ProtocolError(f"expected hello, got {type(hello).__name__}")
         if hello.cluster_id != self.cluster.cluster.id:
             await conn.send(m.Error(code="cluster", message="wrong cluster id"))
             raise ProtocolError(f"{conn.peer_name} belongs to another cluster")
@@ -215,12 +241,14 @@ class Receiver:
         m.check_protocol(hello)
         if hello.role != "active":
             raise ProtocolError(f"{hello.node} is {hello.role}; only the active streams to us")
-        seen = int(self.store.get(PEER_EPOCH_KEY, 0))
+        seen = max(int(self.store.get(PEER_EPOCH_KEY, 0)), self.epoch())
         if hello.epoch < seen:
             await conn.send(m.Error(code="epoch", message=f"epoch {hello.epoch} < {seen}"))
             raise ProtocolError(f"{hello.node} has epoch {hello.epoch}, we follow epoch {seen}")
-        if hello.epoch > seen:
+        if hello.epoch > int(self.store.get(PEER_EPOCH_KEY, 0)):
             self.store.set(PEER_EPOCH_KEY, hello.epoch)
+        if self.on_epoch is not None:
+            self.on_epoch(hello.epoch)
         await conn.send(
             m.Hello(
                 protocol=m.PROTOCOL_VERSION,
@@ -231,6 +259,7 @@ class Receiver:
                 applied_seq=self.applied,
                 persisted_seq=self.persisted,
                 journal_head=self.head,
+                lineage=self.lineage,
             )
         )
         previous, self._current = self._current, conn
@@ -329,8 +358,25 @@ class Receiver:
                 base = request.body.get("base")
                 if not isinstance(base, int) or base < 0:
                     raise ProtocolError("reset needs a non-negative base")
-                await asyncio.to_thread(self._reset, base)
+                epoch = request.body.get("epoch", self.lineage)
+                if not isinstance(epoch, int) or epoch < 0:
+                    raise ProtocolError("reset needs a non-negative epoch")
+                await asyncio.to_thread(self._reset, base, epoch)
                 body: dict[str, Any] = {"base": base}
+            elif request.kind == "adopt":
+                epoch = request.body.get("epoch")
+                if not isinstance(epoch, int) or epoch < self.lineage:
+                    raise ProtocolError("adopt needs an epoch not below ours")
+                self.lineage = epoch
+                await asyncio.to_thread(self.store.set, LINEAGE_KEY, epoch)
+                body = {}
+            elif request.kind == "check-finished":
+                self.check_due = False
+                self.applier.quarantine = None
+                await asyncio.to_thread(
+                    self.store.set_many, {CHECK_DUE_KEY: False, QUARANTINE_KEY: None}
+                )
+                body = {}
             elif request.kind == "check-started":
                 # A check now covers whatever made us out of sync until this moment.
                 self.out_of_sync = False
@@ -342,10 +388,18 @@ class Receiver:
         except SteadError as exc:
             return m.Reply(id=request.id, ok=False, body={}, error=str(exc))
 
-    def _reset(self, base: int) -> None:
-        """Start the queue over at ``base``: an intent first, so a crash finishes it."""
+    def _reset(self, base: int, epoch: int) -> None:
+        """Start the queue over at ``base``: an intent first, so a crash finishes it.
+
+        If this node wrote the history it leaves (it was the active of that epoch), the
+        files the repairing check replaces are kept in a quarantine first.
+        """
         with self._lock:
-            self.store.set(RESET_KEY, base)
+            values: dict[str, Any] = {RESET_KEY: base, LINEAGE_KEY: epoch, CHECK_DUE_KEY: True}
+            if self.store.get(WROTE_KEY) == self.lineage and self.lineage != epoch:
+                values[QUARANTINE_KEY] = f"epoch-{epoch}-{int(time.time())}"
+            self.store.set_many(values)
+            self.lineage, self.check_due = epoch, True
             self._finish_reset()
         self.store.event("reset", f"receive queue reset to {base}; a check follows")
 
@@ -359,6 +413,7 @@ class Receiver:
         self.queue.reset(int(base))
         self.store.set_many({APPLIED_KEY: int(base), RESET_KEY: None})
         self.applied = self.memory_head = int(base)
+        self.applier.quarantine = self.store.get(QUARANTINE_KEY)
 
     def _ack(self) -> m.Ack:
         head, persisted = self.head, self.persisted
@@ -395,4 +450,7 @@ class Receiver:
             else None,
             "apply_error": self.apply_error,
             "refused": self.refused,
+            "lineage": self.lineage,
+            "in_sync": self.in_sync,
+            "quarantine": self.applier.quarantine,
         }

@@ -81,6 +81,7 @@ class Sender:
         epoch: Callable[[], int],
         on_connected: Callable[[PeerState], Coroutine[Any, Any, None]],
         on_ack: Callable[[], None] | None = None,
+        lineage: Callable[[], tuple[int, int]] = lambda: (-1, -1),
     ) -> None:
         self.me = me
         self.peer = peer
@@ -90,6 +91,7 @@ class Sender:
         self.epoch = epoch
         self.on_connected = on_connected
         self.on_ack = on_ack
+        self.lineage = lineage  # (base, epoch before it) where this node's journal began
         self.state = PeerState(peer.name)
         self._conn: Connection | None = None
         self._pending: dict[int, asyncio.Future[m.Reply]] = {}
@@ -154,10 +156,7 @@ class Sender:
             try:
                 async with asyncio.TaskGroup() as tasks:
                     tasks.create_task(self._read_loop(conn))
-                    if hello.persisted_seq > self.journal.head or (
-                        hello.persisted_seq + 1 < self.journal.first
-                    ):
-                        await self._reset_passive()
+                    await self._join(hello)
                     tasks.create_task(self._pump(conn))
                     tasks.create_task(self._heartbeats(conn))
                     tasks.create_task(self.on_connected(state))
@@ -165,6 +164,36 @@ class Sender:
                 raise first_cause(group) from None
         finally:
             await conn.close()
+
+    async def _join(self, hello: m.Hello) -> None:
+        """Continue the passive where it stands, or reset it (a full check follows).
+
+        A position from an older epoch continues only where this node's journal began
+        (``lineage``): that history both nodes share. Anything else (ahead of it, behind
+        it, another epoch's records) may differ, so the passive is reset and checked.
+        """
+        epoch = self.epoch()
+        lineage = hello.lineage if hello.lineage >= 0 else hello.epoch
+        if lineage != epoch:
+            base, predecessor = self.lineage()
+            if lineage == predecessor and hello.persisted_seq == base:
+                await self.request("adopt", {"epoch": epoch})
+                log.info("%s continues from %d into epoch %d", self.peer.name, base, epoch)
+                return
+            log.warning(
+                "%s stands at %d of epoch %d; this journal began at %d of epoch %d",
+                self.peer.name,
+                hello.persisted_seq,
+                lineage,
+                base,
+                predecessor,
+            )
+            await self._reset_passive()
+            return
+        if hello.persisted_seq > self.journal.head or (
+            hello.persisted_seq + 1 < self.journal.first
+        ):
+            await self._reset_passive()
 
     async def _reset_passive(self) -> None:
         """The passive cannot continue from its queue: start it at our head, then check."""
@@ -177,7 +206,7 @@ class Sender:
             head,
             head,
         )
-        await self.request("reset", {"base": head})
+        await self.request("reset", {"base": head, "epoch": self.epoch()})
         self.state.received = self.state.persisted = self.state.applied = head
         self.state.require_check("full")
 
@@ -191,6 +220,7 @@ class Sender:
             applied_seq=self.journal.head,
             persisted_seq=self.journal.head,
             journal_head=self.journal.head,
+            lineage=self.epoch(),
         )
 
     async def _pump(self, conn: Connection) -> None:

@@ -1,0 +1,190 @@
+"""Failover and switchover between real agents, seen by a client on the public network.
+
+The client namespace reaches the cluster only through the public service address; it
+writes keys to the lab's demo service and samples which node answers. Each test checks that
+epochs only grow, that no two nodes are active in one epoch, that every write acknowledged
+before a planned switchover is on the new active, and that the cluster converges.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from clusterutil import assert_converged, wait_connected, wait_until
+from failoverutil import (
+    Client,
+    active_of,
+    agent,
+    epochs_only_grow,
+    holders,
+    node_status,
+    read_key,
+    roles,
+    sample_roles,
+    wait_active,
+)
+
+from stead.lab import Lab
+
+pytestmark = [pytest.mark.root, pytest.mark.cluster]
+
+
+def _up(lab: Any, n: int = 3) -> Lab:
+    built: Lab = lab(n)
+    wait_connected(built)
+    wait_active(built, "primary")
+    return built
+
+
+def _switchover(built: Lab, source: str, target: str) -> dict[str, Any]:
+    job = agent(built, source).call("POST", "/v1/switchover", {"to": target})
+    deadline = time.monotonic() + 120
+    while job["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling a job of another process: nothing to await
+        job = agent(built, source).call("GET", f"/v1/jobs/{job['id']}")
+    assert job["state"] == "done", job
+    wait_active(built, target)
+    return dict(job)
+
+
+def _wait_sync(built: Lab, active: str) -> None:
+    result = built.exec(active, ["stead", "wait-sync", "--timeout", "60"], capture=True)
+    assert result.returncode == 0, result.stderr + result.stdout
+
+
+def test_switchover_back_and_forth_keeps_every_acknowledged_write(lab: Any) -> None:
+    built = _up(lab)
+    client = Client(built)
+    history = []
+    try:
+        pairs = [("primary", "secondary"), ("secondary", "primary")] * 10
+        for source, target in pairs:
+            time.sleep(1.0)  # let the client write to this active for a while (load, not sync)
+            job = _switchover(built, source, target)
+            steps = [step["step"] for step in job["result"]["steps"]]
+            assert steps[0] == "stop services" and steps[-1] == "hand over", steps
+            history.append(roles(built))
+            assert holders(built) == [target]
+    finally:
+        samples = client.stop()
+    epochs_only_grow(history)
+    assert samples.acked, "the client never got a write acknowledged"
+    # Every acknowledged write is on the final active (the client reads it there).
+    missing = [i for i in samples.acked if read_key(built, f"w{i}") != f"value {i}"]
+    assert not missing, f"acknowledged writes lost: {missing[:20]}"
+    answered = {node for node in samples.answered_by() if node}
+    assert answered == {"primary", "secondary"}, (len(samples.rows), samples.rows[-5:])
+    _wait_sync(built, "primary")
+    assert_converged(built)
+
+
+def test_kill_of_the_active_node_fails_over_and_it_returns_as_passive(lab: Any) -> None:
+    built = _up(lab)
+    client = Client(built)
+    try:
+        time.sleep(1.0)  # let the client write for a while before the crash
+        # Node death: the agent and its services die, and its links go down.
+        built.kill("primary")
+        built.partition("primary")
+        started = time.monotonic()
+        wait_until(lambda: active_of(built) in ("secondary", "tertiary"), 30, "a new active")
+        successor = active_of(built)
+        assert successor is not None
+        wait_active(built, successor)
+        took = time.monotonic() - started
+        history = sample_roles(built, 2.0)
+    finally:
+        samples = client.stop()
+    assert took < 15, f"failover took {took:.1f} s"
+    epochs_only_grow(history)
+    # The old active returns: it sees the newer epoch and rejoins as passive.
+    built.heal("primary")
+    built.start("primary")
+    wait_until(lambda: node_status(built, "primary")["role"] == "passive", 30, "primary as passive")
+    assert holders(built) == [successor]
+    wait_until(
+        lambda: (
+            node_status(built, successor)["nodes"][1:]
+            and all(n["state"] == "in sync" for n in node_status(built, successor)["nodes"][1:])
+        ),
+        120,
+        "every passive in sync with the new active",
+    )
+    _wait_sync(built, successor)
+    assert_converged(built)
+    assert samples.longest_outage() < 15
+
+
+def test_returning_active_keeps_what_it_wrote_after_the_fork_in_quarantine(lab: Any) -> None:
+    built = _up(lab)
+    built.partition("primary")  # fully isolated: it fences itself, a passive takes over
+    built.exec("primary", ["sh", "-c", "echo divergent > /srv/lab/after-fork.txt"])
+    wait_until(lambda: active_of(built) in ("secondary", "tertiary"), 30, "a new active")
+    successor = active_of(built)
+    assert successor is not None
+    wait_until(lambda: node_status(built, "primary")["role"] == "passive", 30, "primary fenced")
+    built.heal("primary")
+    wait_until(
+        lambda: any(
+            item["path"] == "after-fork.txt"
+            for generation in agent(built, "primary").call("GET", "/v1/quarantine")["generations"]
+            for item in generation["files"]
+        ),
+        120,
+        "after-fork.txt in primary's quarantine",
+    )
+    listing = built.exec("primary", ["stead", "quarantine", "list"], capture=True)
+    assert "after-fork.txt" in listing.stdout, listing.stdout + listing.stderr
+    wait_active(built, successor)
+    _wait_sync(built, successor)
+    assert_converged(built)
+
+
+def test_channel_cut_with_the_public_network_up_does_not_fail_over(lab: Any) -> None:
+    built = _up(lab)
+    before = roles(built)
+    built.partition("primary", network="channel")
+    try:
+        history = sample_roles(built, 4 * built_timeout(built))
+    finally:
+        built.heal("primary")
+    assert all(snapshot.get("primary", ("?", 0))[0] == "active" for snapshot in history)
+    assert roles(built)["primary"] == before["primary"]
+    assert holders(built) == ["primary"]
+
+
+def test_a_partitioned_minority_never_promotes(lab: Any) -> None:
+    built = _up(lab)
+    built.partition("tertiary")
+    try:
+        history = sample_roles(built, 4 * built_timeout(built))
+    finally:
+        built.heal("tertiary")
+    assert all(snapshot.get("tertiary", ("passive", 0))[0] == "passive" for snapshot in history)
+    assert active_of(built) == "primary"
+
+
+def test_sigstopped_active_steps_down_after_sigcont(lab: Any) -> None:
+    built = _up(lab)
+    built.sigstop("primary")
+    try:
+        wait_until(lambda: active_of_others(built) is not None, 30, "a passive to take over")
+        successor = active_of_others(built)
+        assert successor is not None
+        wait_active(built, successor)
+    finally:
+        built.sigcont("primary")
+    wait_until(lambda: node_status(built, "primary")["role"] == "passive", 30, "primary steps down")
+    wait_until(lambda: holders(built) == [successor], 15, "one holder of the public address")
+    assert active_of(built) == successor
+
+
+def active_of_others(built: Lab) -> str | None:
+    found = [n for n, (role, _) in roles(built).items() if role == "active" and n != "primary"]
+    return found[0] if found else None
+
+
+def built_timeout(built: Lab) -> float:
+    return float(node_status(built, "primary").get("failover_timeout", 2.5))
