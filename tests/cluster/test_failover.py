@@ -8,7 +8,9 @@ before a planned switchover is on the new active, and that the cluster converges
 
 from __future__ import annotations
 
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -187,4 +189,134 @@ def active_of_others(built: Lab) -> str | None:
 
 
 def built_timeout(built: Lab) -> float:
-    return float(node_status(built, "primary").get("failover_timeout", 2.5))
+    for node in built.nodes:
+        try:
+            return float(node_status(built, node, timeout=2).get("failover_timeout", 2.5))
+        except Exception:  # a stopped agent: ask the next node
+            continue
+    return 2.5
+
+
+def test_active_that_loses_its_witnesses_switches_over_to_a_passive_that_reaches_them(
+    lab: Any,
+) -> None:
+    built = _up(lab)
+    built.partition("primary", network="public")  # the gateway (witness) is gone for it
+    try:
+        wait_until(lambda: active_of(built) in ("secondary", "tertiary"), 30, "a switchover")
+        successor = active_of(built)
+        assert successor is not None
+        wait_active(built, successor)
+        assert roles(built)["primary"][0] == "passive"
+    finally:
+        built.heal("primary")
+    wait_until(lambda: holders(built) == [successor], 15, "one holder of the public address")
+
+
+def _kill_demo(built: Lab, node: str) -> None:
+    built.exec(node, ["pkill", "-f", "stead.lab.demo_service"], capture=True)
+
+
+def _demo_pid(built: Lab, node: str) -> str:
+    """The demo service's pid in this node's network namespace ("" if none): the lab
+    shares one pid namespace, so pgrep alone would see every node's service."""
+    pids = subprocess.run(
+        ["ip", "netns", "pids", f"stead-{node}"], capture_output=True, text=True, check=False
+    ).stdout.split()
+    for pid in pids:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"stead.lab.demo_service" in cmdline:
+            return pid
+    return ""
+
+
+def test_a_failing_service_is_restarted_twice_then_switched_over(lab: Any) -> None:
+    built = _up(lab)
+    for _ in range(2):
+        before = _demo_pid(built, "primary")
+        _kill_demo(built, "primary")
+        wait_until(
+            lambda before=before: _demo_pid(built, "primary") not in ("", before),
+            30,
+            "the demo service restarted on primary",
+        )
+        assert active_of(built) == "primary"
+    _kill_demo(built, "primary")
+    wait_until(lambda: active_of(built) in ("secondary", "tertiary"), 60, "a switchover")
+    successor = active_of(built)
+    assert successor is not None
+    wait_active(built, successor)
+    assert _demo_pid(built, "primary") == ""
+
+
+def test_maintenance_stops_acting_and_replication_goes_on(lab: Any) -> None:
+    built = _up(lab)
+    result = built.exec("primary", ["stead", "maintenance", "on"], capture=True)
+    assert result.returncode == 0, result.stderr
+    for node in ("secondary", "tertiary"):
+        agent(built, node).call("POST", "/v1/maintenance", {"on": True})
+    _kill_demo(built, "primary")
+    built.exec("primary", ["sh", "-c", "echo during-maintenance > /srv/lab/m.txt"])
+    _wait_sync(built, "primary")
+    sample_roles(built, 2 * built_timeout(built))
+    assert _demo_pid(built, "primary") == "", "maintenance must not restart services"
+    assert active_of(built) == "primary"
+    assert_converged(built)
+    for node in built.nodes:
+        agent(built, node).call("POST", "/v1/maintenance", {"on": False})
+    wait_until(lambda: _demo_pid(built, "primary") != "", 30, "monitoring to resume")
+
+
+def test_forced_failover_when_automatic_failover_is_off(lab: Any) -> None:
+    from clusterutil import set_cluster_option
+
+    built = _up(lab)
+    set_cluster_option(built, "automatic = true", "automatic = false")
+    wait_connected(built)
+    wait_active(built, "primary")
+    built.kill("primary")
+    built.partition("primary")
+    try:
+        history = sample_roles(built, 3 * built_timeout(built))
+        assert all(
+            role == "passive"
+            for snapshot in history
+            for node, (role, _) in snapshot.items()
+            if node != "primary"
+        ), "no automatic failover while failover.automatic is off"
+        result = built.exec(
+            "secondary", ["stead", "failover", "--to", "secondary", "--yes"], capture=True
+        )
+        assert result.returncode == 0, result.stderr + result.stdout
+        assert "lost" in result.stderr
+        wait_active(built, "secondary")
+    finally:
+        built.heal("primary")
+    built.start("primary")
+    wait_until(lambda: node_status(built, "primary")["role"] == "passive", 30, "primary as passive")
+
+
+def test_a_flapping_link_never_makes_two_actives_in_one_epoch(lab: Any) -> None:
+    built = _up(lab)
+    history = []
+    for _ in range(8):
+        built.partition("primary")
+        history += sample_roles(built, 0.6, interval=0.1)
+        built.heal("primary")
+        history += sample_roles(built, 0.6, interval=0.1)
+    epochs_only_grow(history)
+    wait_until(lambda: active_of(built) is not None, 30, "one active after the flapping")
+    final = active_of(built)
+    assert final is not None
+    wait_active(built, final)
+    assert holders(built) == [final]
+    wait_until(
+        lambda: all(n["state"] == "in sync" for n in node_status(built, final)["nodes"][1:]),
+        120,
+        "every passive in sync",
+    )
+    _wait_sync(built, final)
+    assert_converged(built)

@@ -118,6 +118,10 @@ class RoleChanges(AgentBase):
         except SteadError as exc:
             log.error("releasing the public identity at start failed: %s", exc)
             self.store.event("identity", f"release at start failed: {exc}", level="error")
+        try:  # services are kept stopped until this node holds the role (units, commands)
+            await self.services.stop_all()
+        except SteadError as exc:
+            self.store.event("service", f"stopping services at start failed: {exc}", level="error")
 
     def start_cycle(self, tasks: asyncio.TaskGroup) -> None:
         self.membership = Membership(
