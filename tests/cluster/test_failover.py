@@ -191,10 +191,10 @@ def active_of_others(built: Lab) -> str | None:
 def built_timeout(built: Lab) -> float:
     for node in built.nodes:
         try:
-            return float(node_status(built, node, timeout=2).get("failover_timeout", 2.5))
+            return float(node_status(built, node, timeout=2).get("failover_timeout", 2.0))
         except Exception:  # a stopped agent: ask the next node
             continue
-    return 2.5
+    return 2.0
 
 
 def test_active_that_loses_its_witnesses_switches_over_to_a_passive_that_reaches_them(

@@ -78,7 +78,7 @@ def test_init_refuses_bad_input(tmp_path: Path) -> None:
     ("edit", "key", "reason"),
     [
         (("heartbeat = 0.5", "heartbeat = 4.0"), "channel", "at least 3 heartbeats"),
-        (("timeout = 2.5", "timeout = 1.0"), "(top level)", "at least 4 heartbeats"),
+        (("timeout = 2.0", "timeout = 1.0"), "(top level)", "at least 4 heartbeats"),
         (("witnesses = []", 'witnesses = ["gw:80"]'), "failover.witnesses", "not an IP"),
         (("automatic_failover = true", "automatic_failover = 3"), "nodes.0", "boolean"),
         (("port = 7400", "port = 70000"), "channel.port", "less than or equal"),

@@ -25,7 +25,7 @@ from stead.agent.vote import VoteRequest, grant_vote
 from stead.config.schema import ClusterConfig
 
 NOW = 100.0
-T = 2.5  # the default failover.timeout
+T = 2.5  # the failover.timeout of these tables (set explicitly below)
 NAMES = "abcde"
 
 
@@ -38,7 +38,7 @@ def cluster(n: int = 3, **failover: Any) -> ClusterConfig:
                 {"name": name, "addresses": [f"198.18.0.{i + 1}"]}
                 for i, name in enumerate(NAMES[:n])
             ],
-            "failover": failover,
+            "failover": {"timeout": T, **failover},
         }
     )
 

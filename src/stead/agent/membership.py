@@ -56,7 +56,7 @@ class Membership:
         hello: Callable[[], m.Hello],
         heartbeat: Callable[[], m.Heartbeat],
         handle_request: RequestHandler,
-        on_heartbeat: Callable[[str, m.Heartbeat], None] | None = None,
+        on_heartbeat: Callable[[str, m.Heartbeat, m.Heartbeat | None], None] | None = None,
     ) -> None:
         self.me = me
         self.cluster = cluster
@@ -214,9 +214,9 @@ class Membership:
         live = self.peers[name]
         live.last_heard = now
         live.heard_on[local] = now
-        live.last = beat
+        previous, live.last = live.last, beat
         if self.on_heartbeat is not None:
-            self.on_heartbeat(name, beat)
+            self.on_heartbeat(name, beat, previous)
 
     async def _answer(self, conn: Connection, name: str, request: m.Request) -> None:
         try:

@@ -64,6 +64,7 @@ class RoleChanges(AgentBase):
         self.public_visible: bool | None = None
         # Last time an active of our epoch or newer was heard, or we were active ourselves.
         self.active_heard_at: float | None = None
+        self._sees_active = True
         self._public_servers: list[ChannelServer] = []
         self._transition = asyncio.Lock()
         self._procedure = ""  # a switchover in progress: the cycle observes, never acts
@@ -189,9 +190,14 @@ class RoleChanges(AgentBase):
                 return name
         return None
 
-    def _on_heartbeat(self, name: str, beat: m.Heartbeat) -> None:
+    def _on_heartbeat(self, name: str, beat: m.Heartbeat, previous: m.Heartbeat | None) -> None:
         if beat.role == "active" and beat.epoch >= self.epoch:
             self.active_heard_at = time.monotonic()
+        if previous is None or (previous.sees_active, previous.role) != (
+            beat.sees_active,
+            beat.role,
+        ):
+            self._wake_cycle.set()  # a peer's view changed: decide now
         if beat.role == "active" and beat.epoch > self.epoch and self.role == "passive":
             self.follow_epoch(beat.epoch)
         if beat.epoch > self.epoch and self.role == "active":
@@ -250,20 +256,26 @@ class RoleChanges(AgentBase):
         )
 
     async def _cycle_loop(self) -> None:
-        interval = min(self.cluster.channel.heartbeat, self.cluster.failover.timeout / 4)
+        # Several cycles per heartbeat: a failover waits for the timeout, not for a cycle.
+        interval = min(self.cluster.channel.heartbeat / 2, self.cluster.failover.timeout / 8)
         while True:
+            self._wake_cycle.clear()  # before the cycle: what it wakes runs the next one now
             try:
                 await self.cycle_once()
             except SteadError as exc:
                 log.error("decision cycle: %s", exc)
                 self.store.event("decision", f"action failed: {exc}", level="error")
-            self._wake_cycle.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval):
                     await self._wake_cycle.wait()
 
     async def cycle_once(self) -> None:
         now = time.monotonic()
+        sees_active = self.role == "active" or self._heard_active(now) is not None
+        if sees_active != self._sees_active:
+            # Peers count who still hears the active: tell them at once, not a beat later.
+            self._sees_active = sees_active
+            self.membership.beat_now()
         action = d.decide(self.observe(now), self.cluster, now)
         if action.reason != self.decision:
             self.decision, self.decided_at = action.reason, time.time()

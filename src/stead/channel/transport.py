@@ -262,6 +262,11 @@ class Connection:
             # The peer is gone or slow to confirm; our side is released either way.
             self._writer.transport.abort()
 
+    def abort(self) -> None:
+        """Drop the connection at once, without waiting for a peer that may be gone."""
+        self._closed = True
+        self._writer.transport.abort()
+
     async def __aenter__(self) -> Connection:
         return self
 

@@ -75,7 +75,7 @@ batch_bytes = "4MiB"        # file data per replication frame
 receive_memory = "64MiB"    # a passive applies this much straight from memory, then queues
 
 [failover]
-timeout = 2.5               # active silent on every channel this long: a passive takes over
+timeout = 2.0               # active silent on every channel this long: a passive takes over
                             # (>= 4 heartbeats; the active fences itself after half of it)
 automatic = true            # false: only `stead failover --to NODE` moves the role after a loss
 require_sync = true         # a passive that is not in sync never takes over by itself

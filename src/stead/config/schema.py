@@ -135,7 +135,7 @@ class FailoverSection(_Strict):
     """When a passive takes over by itself, and when an active gives up by itself."""
 
     timeout: float = Field(
-        default=2.5,
+        default=2.0,
         gt=0,
         le=600,
         description="seconds the active must be silent on every channel before a passive "

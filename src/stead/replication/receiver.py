@@ -107,7 +107,7 @@ class Receiver:
         current, self._current = self._current, None
         self.connected = False
         if current is not None:
-            await current.close()
+            current.abort()  # the active may be dead: a role change must not wait for it
 
     # ---- applier -----------------------------------------------------------------------
 
