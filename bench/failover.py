@@ -12,6 +12,7 @@ adverts 0.32 s, Patroni about 40 s.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sqlite3
 import subprocess
@@ -53,6 +54,10 @@ def run(quick: bool) -> Result:
             )
             if heartbeat is not None:
                 result.ratio = max(times) / configured
+            else:
+                outage = partition_heal(lab)
+                result.figures["client outage after a partition heals"] = f"{outage:.2f} s"
+                two_holders += outage >= 1.0
     best = max(measured["shortest safe"])
     default = max(measured["defaults"])
     result.figures["live holders > 1 (samples)"] = str(two_holders)
@@ -100,6 +105,35 @@ def recent_events(lab: Lab, node: str, since: float) -> list[tuple[float, str]]:
         )
     finally:
         db.close()
+
+
+def partition_heal(lab: Lab) -> float:
+    """Isolate the active (it fences itself, a passive takes over), heal, and return the
+    longest gap between answers the client saw in the 5 s after the heal."""
+    victim = active(lab)
+    out = lab.dir / "partition-heal.json"
+    lab.partition(victim)
+    labkit.poll(lambda: active(lab) != victim, 60, "a new active after the partition")
+    client = lab.popen(
+        "client",
+        [sys.executable, HTTPLOAD, URL, "0", "120", str(out)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    labkit.read_line(client.stdout, 30)
+    time.sleep(1.0)  # the client samples the new active before the heal (load, not sync)
+    healed = time.time()
+    lab.heal(victim)
+    time.sleep(5.0)  # sampling after the heal is the measurement
+    client.terminate()
+    client.communicate(timeout=60)
+    samples = json.loads(out.read_text())["samples"]
+    answered = sorted(t for t, node in samples if node is not None and t >= healed - 0.5)
+    gaps = [b - a for a, b in itertools.pairwise(answered)]
+    labkit.poll(
+        lambda: labkit.agent_status(lab, victim)["role"] == "passive", 60, f"{victim} passive"
+    )
+    return max(gaps, default=5.0)
 
 
 def one_failover(lab: Lab, index: int) -> tuple[float, int]:

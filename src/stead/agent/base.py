@@ -68,7 +68,6 @@ class AgentBase:
     decision: str
     decided_at: float
     public_held: bool
-    public_visible: bool | None
     _public_servers: list[ChannelServer]
     _transition: asyncio.Lock
     _procedure: str

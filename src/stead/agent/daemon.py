@@ -180,6 +180,8 @@ class Agent(OperatorRequests, RoleChanges, Procedures):
                     await self._role_change.wait()
                     if self.receiver is not None:
                         await self.receiver.close()
+                    for sender in self.senders.values():
+                        sender.abort()
                     raise _RoleSwitch
             except* _RoleSwitch:
                 pass

@@ -61,7 +61,7 @@ class RoleChanges(AgentBase):
         self.decision = ""
         self.decided_at = 0.0
         self.public_held = False
-        self.public_visible: bool | None = None
+        self._probe: tuple[float, bool] = (0.0, False)  # (monotonic time taken, answered)
         # Last time an active of our epoch or newer was heard, or we were active ourselves.
         self.active_heard_at: float | None = None
         self._sees_active = True
@@ -247,7 +247,7 @@ class RoleChanges(AgentBase):
             peers=tuple(peers),
             witnesses_ok=self.witnesses.ok,
             witnesses_lost_since=self.witnesses.lost_since,
-            public_visible=self.public_visible if self.role == "passive" else None,
+            public_visible=self._public_visible(),
             maintenance=self.maintenance,
             campaign=self.campaign,
             handover=self.handover,
@@ -492,27 +492,47 @@ class RoleChanges(AgentBase):
     # ---- public probe ------------------------------------------------------------------
 
     async def _public_probe_loop(self) -> None:
-        """While a passive hears no active, probe the public address for a live agent."""
+        """While a passive has not heard the active for half the failover timeout, probe the
+        public address for a live agent, so that a fresh answer is there by the timeout."""
         config = self.cluster
         addresses = [a.address.split("/")[0] for a in config.public.addresses]
         timeout = max(0.2, config.failover.timeout / 4)
         while True:
             now = time.monotonic()
-            silent = self._heard_active(now) is None
-            if not addresses or not config.failover.public_check or self.role != "passive":
-                self.public_visible = None
-            elif silent:
-                expect = self.receiver.active_name if self.receiver else ""
+            silent_for = now - self._last_active_heard()
+            if (
+                addresses
+                and config.failover.public_check
+                and self.role == "passive"
+                and silent_for >= config.failover.timeout / 2
+            ):
+                expect = (self.receiver.active_name if self.receiver else "") or self.me
                 results = [
-                    await agent_answers(
-                        a, config.channel.port, self.client_ssl, expect or self.me, timeout
-                    )
+                    await agent_answers(a, config.channel.port, self.client_ssl, expect, timeout)
                     for a in addresses
                 ]
-                self.public_visible = any(results)
-            else:
-                self.public_visible = None
-            await asyncio.sleep(config.channel.heartbeat)
+                self._probe = (now, any(results))
+            await asyncio.sleep(min(config.channel.heartbeat, config.failover.timeout / 4))
+
+    def _last_active_heard(self) -> float:
+        heard = [
+            live.last_heard
+            for live in self.membership.peers.values()
+            if live.last is not None and live.last.role == "active" and live.last_heard
+        ]
+        return max([self.started_monotonic, *heard])
+
+    def _public_visible(self) -> bool | None:
+        """The latest probe taken since the active went silent; unknown counts as visible."""
+        config = self.cluster
+        if self.role != "passive" or not config.failover.public_check:
+            return None
+        if not config.public.addresses:
+            return None
+        taken, visible = self._probe
+        if taken < self._last_active_heard():
+            return True  # no probe since the silence began: do not assume the active is gone
+        return visible
 
     # ---- services ----------------------------------------------------------------------
 

@@ -127,8 +127,15 @@ class Receiver:
                     await self._queued.wait()
                 continue
             try:
+                before = self.applied
                 await asyncio.to_thread(self._apply_some)
                 self.apply_error = ""
+                if self.applied == before:
+                    # The next record waits for the queue's sync: wait for it, do not spin.
+                    self._queued.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(0.05):
+                            await self._queued.wait()
                 if self.queue.first <= self.applied - TRIM_EVERY:
                     await asyncio.to_thread(self.queue.discard_through, self.applied)
             except Exception as exc:  # a full disk, a broken queue: stall and retry, loudly
@@ -182,14 +189,26 @@ class Receiver:
     def _apply_some(self) -> None:
         with self._lock:
             raw = [(q, p) for q, p in self._take_memory() if q > self.applied]
-            from_memory = bool(raw)
+            gap = bool(raw) and raw[0][0] != self.applied + 1
+            from_memory = bool(raw) and not gap
             if not from_memory:
+                memory, raw = raw, []
                 self._drop_memory_through(self.applied)
                 limit = self._queue_durable()
-                raw = self.queue.read_from(
+                queued = self.queue.read_from(
                     self.applied + 1, max_bytes=APPLY_BYTES, max_records=2000
                 )
-                raw = [(seq, payload) for seq, payload in raw if seq <= limit]
+                raw = [(seq, payload) for seq, payload in queued if seq <= limit]
+                if (raw and raw[0][0] != self.applied + 1) or (
+                    gap and not raw and self.queue.head <= self.applied
+                ):
+                    # Neither memory nor the queue holds the next record. Never skip it
+                    # silently: the active runs a full check that repairs what it carried.
+                    first = raw[0][0] if raw else memory[0][0]
+                    log.error("receive gap: %d..%d lost", self.applied + 1, first - 1)
+                    self._flag_out_of_sync(f"records {self.applied + 1}..{first - 1} lost")
+                    if not raw:
+                        raw, from_memory = memory, True
             if not raw:
                 return
             records: list[tuple[int, Entry]] = []

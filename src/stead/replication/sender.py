@@ -165,6 +165,11 @@ class Sender:
         finally:
             await conn.close()
 
+    def abort(self) -> None:
+        """Drop the session at once (this node is changing role; the passive may be gone)."""
+        if self._conn is not None:
+            self._conn.abort()
+
     async def _join(self, hello: m.Hello) -> None:
         """Continue the passive where it stands, or reset it (a full check follows).
 
