@@ -26,7 +26,7 @@ from stead.agent.membership import Membership
 from stead.agent.probes import WitnessMonitor, agent_answers
 from stead.channel import messages as m
 from stead.channel.transport import ChannelServer
-from stead.errors import SteadError, UsageError
+from stead.errors import ServiceError, SteadError, UsageError
 from stead.identity import make_identity
 from stead.identity.hooks import Hooks
 from stead.replication.receiver import (
@@ -452,7 +452,14 @@ class RoleChanges(AgentBase):
                 self._public_servers.append(await self.listen_on(host))
             except (OSError, SteadError) as exc:
                 log.warning("cannot listen on public address %s: %s", host, exc)
-        await self.services.start_all()
+        try:
+            await self.services.start_all()
+        except ServiceError as exc:
+            # A service that cannot start here may start on a passive: hand the role over
+            # (the rules' last resort), and keep the identity until then.
+            self.store.event("service", f"services failed to start: {exc}", level="error")
+            await self._service_switchover(f"services failed to start on {self.me}: {exc}")
+            return
         self._monitor = self.tasks.create_task(self.services.monitor(self._service_switchover))
         await self.hooks.run("after_active")
         self.store.event(
@@ -544,7 +551,10 @@ class RoleChanges(AgentBase):
         if best is None:
             self.store.event("service", f"{reason}: no passive can take over", level="error")
             return
-        self.start_switchover(best, reason=reason)
+        try:
+            self.start_switchover(best, reason=reason)
+        except UsageError as exc:
+            self.store.event("service", f"{reason}: no switchover: {exc}", level="error")
 
     def _best_passive(self) -> str | None:
         now = time.monotonic()
