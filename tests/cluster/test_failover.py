@@ -8,6 +8,7 @@ before a planned switchover is on the new active, and that the cluster converges
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -76,6 +77,20 @@ def test_switchover_back_and_forth_keeps_every_acknowledged_write(lab: Any) -> N
     # Every acknowledged write is on the final active (the client reads it there).
     missing = [i for i in samples.acked if read_key(built, f"w{i}") != f"value {i}"]
     assert not missing, f"acknowledged writes lost: {missing[:20]}"
+    # Management identity: the passive keeps its own host name, the active has the public one.
+    for node, expected in (("primary", "labsvc"), ("secondary", "secondary")):
+        result = built.exec(node, ["hostname"], capture=True)
+        assert result.stdout.strip() == expected, (node, result.stdout)
+    listing = built.exec("primary", ["stead", "inventory", "--format", "json"], capture=True)
+    inventory = json.loads(listing.stdout)
+    assert {n["name"]: n["role"] for n in inventory["nodes"]} == {
+        "primary": "active",
+        "secondary": "passive",
+        "tertiary": "passive",
+    }
+    assert inventory["public"]["holder"] == "primary"
+    hosts = built.exec("primary", ["stead", "inventory", "--format", "hosts"], capture=True)
+    assert "198.19.0.12\tsecondary.lab.test secondary" in hosts.stdout, hosts.stdout
     answered = {node for node in samples.answered_by() if node}
     assert answered == {"primary", "secondary"}, (len(samples.rows), samples.rows[-5:])
     _wait_sync(built, "primary")

@@ -74,6 +74,7 @@ class AgentBase:
     _wake_cycle: asyncio.Event
     env: dict[str, str]
     identity: IdentityBackend
+    management: IdentityBackend
     hooks: Hooks
     services: ServiceManager
     witnesses: WitnessMonitor

@@ -27,7 +27,7 @@ from stead.agent.probes import WitnessMonitor, agent_answers
 from stead.channel import messages as m
 from stead.channel.transport import ChannelServer
 from stead.errors import ServiceError, SteadError, UsageError
-from stead.identity import make_identity
+from stead.identity import make_identity, make_management
 from stead.identity.hooks import Hooks
 from stead.replication.receiver import (
     APPLIED_KEY,
@@ -71,6 +71,7 @@ class RoleChanges(AgentBase):
         self._wake_cycle = asyncio.Event()
         self.env = {"STEAD_NODE": self.me, "STEAD_ROLE": self.role, "STEAD_EPOCH": ""}
         self.identity = make_identity(self.cluster, self.state_dir)
+        self.management = make_management(self.cluster, self.me, self.state_dir)
         self.hooks = Hooks(self.cluster.hooks, self.env)
         self.services = ServiceManager(
             self.cluster.services, self.env, on_event=self._service_event
@@ -119,6 +120,11 @@ class RoleChanges(AgentBase):
         except SteadError as exc:
             log.error("releasing the public identity at start failed: %s", exc)
             self.store.event("identity", f"release at start failed: {exc}", level="error")
+        try:  # the node's own identity, kept in both roles (the public one goes over it)
+            await self.management.take()
+        except SteadError as exc:
+            log.error("taking the management identity failed: %s", exc)
+            self.store.event("identity", f"management identity: {exc}", level="error")
         try:  # services are kept stopped until this node holds the role (units, commands)
             await self.services.stop_all()
         except SteadError as exc:

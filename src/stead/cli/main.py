@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from stead.cli import agent, check, config, filters, init, lab, roles, status
+from stead.cli import agent, check, config, filters, init, inventory, lab, roles, status
 from stead.errors import SteadError
 
 app = typer.Typer(
@@ -23,6 +23,7 @@ app.command("status")(status.status)
 app.command("wait-sync")(status.wait_sync)
 app.command("check")(check.check)
 app.command("filters")(filters.filters)
+app.command("inventory")(inventory.inventory)
 app.command("switchover")(roles.switchover)
 app.command("failover")(roles.failover)
 app.command("maintenance")(roles.maintenance)

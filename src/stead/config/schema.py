@@ -214,6 +214,8 @@ class PublicSection(_Strict):
     """The identity clients use; whichever node is active holds it."""
 
     hostname: str = Field(default="", max_length=63, description="host name of the active")
+    fqdn: str = Field(default="", description="fully qualified public name")
+    short_name: str = Field(default="", description="NetBIOS-compatible public short name")
     addresses: list[PublicAddress] = Field(default_factory=list)
     service_port: int = Field(
         default=0,
@@ -229,6 +231,11 @@ class PublicSection(_Strict):
         if value and not HOSTNAME_RE.match(value):
             raise ValueError(f"{value!r} is not a host name (letters, digits, '-' and '.')")
         return value
+
+    @field_validator("short_name")
+    @classmethod
+    def _short(cls, value: str) -> str:
+        return check_short_name(value) if value else value
 
 
 class HooksSection(_Strict):
@@ -255,12 +262,76 @@ class ProtectedPath(_Strict):
         return str(pure)
 
 
+NETBIOS_FORBIDDEN = set('\\/:*?"<>| ')
+
+
+def check_short_name(value: str) -> str:
+    """A NetBIOS-compatible short name: 1-15 characters, none of \\/:*?"<>| or space, not
+    only digits, not starting with a dot."""
+    if not 1 <= len(value) <= 15:
+        raise ValueError(f"short name {value!r} must have 1 to 15 characters (NetBIOS)")
+    bad = sorted(set(value) & NETBIOS_FORBIDDEN)
+    if bad:
+        raise ValueError(f"short name {value!r} may not contain {' '.join(bad)!r}")
+    if value.isdigit() or value.startswith("."):
+        raise ValueError(f"short name {value!r} may not be only digits or start with '.'")
+    if not value.isascii() or not value.isprintable():
+        raise ValueError(f"short name {value!r} must be printable ASCII")
+    return value
+
+
+class ManagementIdentity(_Strict):
+    """What a node is while passive (and keeps as its own): tools see each clone apart."""
+
+    hostname: str = Field(description="the node's own host name while passive")
+    fqdn: str = Field(default="", description="fully qualified name; starts with hostname")
+    short_name: str = Field(default="", description="NetBIOS-compatible, at most 15 chars")
+    address: str = Field(default="", description="management address with prefix, e.g. /24")
+    interface: str = Field(default="", max_length=15, description="interface of the address")
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, value: str) -> str:
+        if not HOSTNAME_RE.match(value) or "." in value:
+            raise ValueError(f"{value!r} is not a host name (letters, digits and '-')")
+        return value
+
+    @field_validator("short_name")
+    @classmethod
+    def _short(cls, value: str) -> str:
+        return check_short_name(value) if value else value
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if value:
+            PublicAddress(address=value, interface="x")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ManagementIdentity:
+        if self.fqdn and not (
+            HOSTNAME_RE.match(self.fqdn) and self.fqdn.startswith(self.hostname + ".")
+        ):
+            raise ValueError(f"fqdn {self.fqdn!r} must be {self.hostname}.<domain>")
+        if bool(self.address) != bool(self.interface):
+            raise ValueError("management address and interface go together")
+        return self
+
+    @property
+    def netbios(self) -> str:
+        return self.short_name or self.hostname[:15].upper()
+
+
 class NodeSection(_Strict):
     name: str
     addresses: list[str] = Field(min_length=1, description="channel addresses of this node")
     priority: int = Field(default=100, ge=0, le=1000, description="lower is preferred")
     automatic_failover: bool = Field(
         default=True, description="a failover to this node may happen without an operator"
+    )
+    management: ManagementIdentity | None = Field(
+        default=None, description="the node's own identity, held while it is passive"
     )
 
     @field_validator("name")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stead.config.schema import ClusterConfig
+from stead.config.schema import ClusterConfig, PublicAddress, PublicSection
 from stead.errors import IdentityError
 from stead.identity.base import (
     CompositeIdentity,
@@ -20,6 +20,7 @@ from stead.identity.hooks import PHASES, Hooks, Phase
 from stead.identity.linux import LinuxHost
 
 LINUX_STATE_FILE = "identity-linux.json"
+MANAGEMENT_STATE_FILE = "identity-management.json"
 
 __all__ = [
     "LINUX_STATE_FILE",
@@ -33,6 +34,7 @@ __all__ = [
     "Phase",
     "StateFile",
     "make_identity",
+    "make_management",
 ]
 
 
@@ -47,3 +49,19 @@ def make_identity(config: ClusterConfig, state_dir: Path) -> IdentityBackend:
     if not public.hostname and not public.addresses and not state_file.exists():
         return NullIdentity()
     return CompositeIdentity([LinuxHost(public, state_file)])
+
+
+def make_management(config: ClusterConfig, me: str, state_dir: Path) -> IdentityBackend:
+    """This node's own identity (``nodes.management``): its host name and management
+    address, taken at agent start and kept. While the node is active, the public identity
+    is taken over it and gives the management host name back on release."""
+    management = config.node(me).management
+    if management is None:
+        return NullIdentity()
+    addresses = (
+        [PublicAddress(address=management.address, interface=management.interface)]
+        if management.address
+        else []
+    )
+    own = PublicSection(hostname=management.hostname, addresses=addresses)
+    return LinuxHost(own, Path(state_dir) / MANAGEMENT_STATE_FILE)

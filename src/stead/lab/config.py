@@ -157,6 +157,9 @@ def _table(doc: tomlkit.TOMLDocument, name: str) -> Any:
     return doc[name]
 
 
+LAB_DOMAIN = "lab.test"  # a reserved test domain: lab names never leak to real DNS
+
+
 def lab_settings(text: str, *, protect: str, timing: Timing = Timing()) -> str:
     """``stead init``'s ``cluster.toml`` with the lab's settings; refused if invalid."""
     doc = tomlkit.parse(text)
@@ -176,6 +179,21 @@ def lab_settings(text: str, *, protect: str, timing: Timing = Timing()) -> str:
     addresses.append(address)
     public["addresses"] = addresses
     public["service_port"] = DEMO_PORT
+    public["fqdn"] = f"{PUBLIC_HOSTNAME}.{LAB_DOMAIN}"
+    public["short_name"] = PUBLIC_HOSTNAME.upper()
+    for index, node in enumerate(doc.get("nodes", [])):
+        # Each node's own identity while passive: its name, on its public-network address.
+        management = tomlkit.inline_table()
+        management.update(
+            {
+                "hostname": node["name"],
+                "fqdn": f"{node['name']}.{LAB_DOMAIN}",
+                "short_name": str(node["name"]).upper()[:15],
+                "address": f"{netns.node_public_address(index)}/{netns.PREFIX_LEN}",
+                "interface": netns.PUB_IFNAME,
+            }
+        )
+        node["management"] = management
     doc["services"] = tomlkit.item([demo_service(protect)])  # an array of tables
     result = tomlkit.dumps(doc)
     try:
