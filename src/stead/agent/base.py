@@ -47,6 +47,8 @@ class AgentBase:
     jobs: JobTable
     started: float
     started_monotonic: float
+    clean_start: bool
+    _acted: bool
     journal: Journal | None
     manifest: Manifest | None
     capture: EventCapture[Any] | None

@@ -65,12 +65,13 @@ class RoleChanges(AgentBase):
         # Last time an active of our epoch or newer was heard, or we were active ourselves.
         self.active_heard_at: float | None = None
         self._sees_active = True
+        self._acted = False  # this process took the public identity at least once
         self._public_servers: list[ChannelServer] = []
         self._transition = asyncio.Lock()
         self._procedure = ""  # a switchover in progress: the cycle observes, never acts
         self._wake_cycle = asyncio.Event()
         self.env = {"STEAD_NODE": self.me, "STEAD_ROLE": self.role, "STEAD_EPOCH": ""}
-        self.identity = make_identity(self.cluster, self.state_dir)
+        self.identity = make_identity(self.cluster, self.state_dir, self.me)
         self.management = make_management(self.cluster, self.me, self.state_dir)
         self.hooks = Hooks(self.cluster.hooks, self.env)
         self.services = ServiceManager(
@@ -122,6 +123,7 @@ class RoleChanges(AgentBase):
             self.store.event("identity", f"release at start failed: {exc}", level="error")
         try:  # the node's own identity, kept in both roles (the public one goes over it)
             await self.management.take()
+            await self._register_management_name()
         except SteadError as exc:
             log.error("taking the management identity failed: %s", exc)
             self.store.event("identity", f"management identity: {exc}", level="error")
@@ -129,6 +131,17 @@ class RoleChanges(AgentBase):
             await self.services.stop_all()
         except SteadError as exc:
             self.store.event("service", f"stopping services at start failed: {exc}", level="error")
+
+    async def _register_management_name(self) -> None:
+        """With DNS configured, this node's management name points at its own address."""
+        dns = self.cluster.public.dns
+        management = self.cluster.node(self.me).management
+        if dns is None or management is None or not management.fqdn or not management.address:
+            return
+        from stead.identity.dns import register_management
+
+        if await register_management(dns, management.fqdn, management.address):
+            self.store.event("identity", f"DNS: {management.fqdn} -> {management.address}")
 
     def start_cycle(self, tasks: asyncio.TaskGroup) -> None:
         self.membership = Membership(
@@ -418,10 +431,16 @@ class RoleChanges(AgentBase):
             await self.release_public(reason)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(STOP_FLUSH_SECONDS):
+                    if self.capture is not None:
+                        await self.capture.drain()  # what the kernel queued, too
                     await self.flush_emitted()
             head = self.position()
             old = self.epoch
             new_epoch = max(epoch, self.epoch)
+            # An active that crashed and comes back demoted may hold writes its journal
+            # never saw (made just before the crash): it asks for a full check, and keeps
+            # what the check replaces in a quarantine.
+            dirty = not self.clean_start and not self._acted
             await asyncio.to_thread(
                 self.store.set_many,
                 {
@@ -431,8 +450,8 @@ class RoleChanges(AgentBase):
                     LINEAGE_KEY: old,
                     APPLIED_KEY: head,
                     CHECK_DUE_KEY: False,
-                    OUT_OF_SYNC_KEY: False,
-                    QUARANTINE_KEY: None,
+                    OUT_OF_SYNC_KEY: dirty,
+                    QUARANTINE_KEY: f"epoch-{new_epoch}-{int(time.time())}" if dirty else None,
                 },
             )
             self.epoch, self.role = new_epoch, "passive"
@@ -451,7 +470,7 @@ class RoleChanges(AgentBase):
         started = time.monotonic()
         await self.hooks.run("before_active")
         await self.identity.take()
-        self.public_held = True
+        self.public_held = self._acted = True
         for address in self.cluster.public.addresses:
             host = address.address.split("/")[0]
             try:

@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from stead.config.dns import DnsSection
 from stead.services.config import ServiceSpec
 
 _SIZE_UNITS = {
@@ -217,6 +218,10 @@ class PublicSection(_Strict):
     fqdn: str = Field(default="", description="fully qualified public name")
     short_name: str = Field(default="", description="NetBIOS-compatible public short name")
     addresses: list[PublicAddress] = Field(default_factory=list)
+    dns: DnsSection | None = Field(
+        default=None,
+        description="publish the public name by DNS dynamic update (RFC 2136, TSIG)",
+    )
     service_port: int = Field(
         default=0,
         ge=0,
@@ -236,6 +241,12 @@ class PublicSection(_Strict):
     @classmethod
     def _short(cls, value: str) -> str:
         return check_short_name(value) if value else value
+
+    @model_validator(mode="after")
+    def _dns_name(self) -> PublicSection:
+        if self.dns is not None and not self.dns.public_name and not self.fqdn:
+            raise ValueError("public.dns needs public.dns.public_name or public.fqdn")
+        return self
 
 
 class HooksSection(_Strict):
@@ -333,6 +344,21 @@ class NodeSection(_Strict):
     management: ManagementIdentity | None = Field(
         default=None, description="the node's own identity, held while it is passive"
     )
+    public_addresses: list[str] = Field(
+        default_factory=list,
+        description="addresses this node publishes under the public name when it is "
+        "active (DNS identity); default: the public addresses",
+    )
+
+    @field_validator("public_addresses")
+    @classmethod
+    def _public_addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            try:
+                ipaddress.ip_interface(address)
+            except ValueError:
+                raise ValueError(f"{address!r} is not an IP address") from None
+        return value
 
     @field_validator("name")
     @classmethod
@@ -384,6 +410,13 @@ class ClusterConfig(_Strict):
                 f"({4 * self.channel.heartbeat} s): the active fences itself after half of it, "
                 "and needs two heartbeats to see that it is cut off"
             )
+        if self.public.dns is not None:
+            published = [a.split("/")[0] for n in self.nodes for a in n.public_addresses]
+            if len(published) != len(set(published)):
+                raise ValueError(
+                    "nodes.public_addresses must differ between nodes: DNS could not tell "
+                    "whose records it removes"
+                )
         names = [service.name for service in self.services]
         if len(set(names)) != len(names):
             raise ValueError("service names must be unique")

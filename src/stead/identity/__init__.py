@@ -21,6 +21,7 @@ from stead.identity.linux import LinuxHost
 
 LINUX_STATE_FILE = "identity-linux.json"
 MANAGEMENT_STATE_FILE = "identity-management.json"
+DNS_STATE_FILE = "identity-dns.json"
 
 __all__ = [
     "LINUX_STATE_FILE",
@@ -38,17 +39,30 @@ __all__ = [
 ]
 
 
-def make_identity(config: ClusterConfig, state_dir: Path) -> IdentityBackend:
+def make_identity(config: ClusterConfig, state_dir: Path, me: str | None = None) -> IdentityBackend:
     """The identity this cluster configures, or a stand-in that does nothing.
 
     A Linux state file left by an earlier configuration keeps the Linux backend, even with
     nothing configured now, so that ``release`` still undoes what it recorded.
     """
+    from stead.identity.dns import DnsIdentity  # dnspython only when DNS is configured
+
     public = config.public
     state_file = Path(state_dir) / LINUX_STATE_FILE
-    if not public.hostname and not public.addresses and not state_file.exists():
-        return NullIdentity()
-    return CompositeIdentity([LinuxHost(public, state_file)])
+    backends: list[IdentityBackend] = []
+    if public.hostname or public.addresses or state_file.exists():
+        backends.append(LinuxHost(public, state_file))
+    if public.dns is not None and me is not None:
+        node = config.node(me)
+        published = node.public_addresses or [a.address for a in public.addresses]
+        backends.append(
+            DnsIdentity(
+                public.dns.with_default_name(public.fqdn),
+                published,
+                Path(state_dir) / DNS_STATE_FILE,
+            )
+        )
+    return CompositeIdentity(backends) if backends else NullIdentity()
 
 
 def make_management(config: ClusterConfig, me: str, state_dir: Path) -> IdentityBackend:
