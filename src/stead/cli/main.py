@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from stead.cli import agent, check, config, filters, init, inventory, lab, roles, status
+from stead.cli import agent, check, config, configure, filters, init, inventory, lab, roles, status
 from stead.errors import SteadError
 
 app = typer.Typer(
@@ -17,6 +17,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command("init")(init.init)
+app.command("configure")(configure.configure)
 app.add_typer(config.app, name="config")
 app.command("agent")(agent.agent)
 app.command("status")(status.status)
