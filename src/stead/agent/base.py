@@ -127,3 +127,21 @@ class AgentBase:
 
     async def _accept_handover(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
+
+    def in_sync(self) -> bool:
+        raise NotImplementedError
+
+    def observe(self, now: float) -> d.Observed:
+        raise NotImplementedError
+
+    async def _campaign(self, epoch: int) -> None:
+        raise NotImplementedError
+
+    async def _answer_vote(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def _public_probe_loop(self) -> None:
+        raise NotImplementedError
+
+    def _public_visible(self) -> bool | None:
+        raise NotImplementedError

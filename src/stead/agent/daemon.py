@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stead.agent.conversations import Conversations
 from stead.agent.jobs import JobTable
 from stead.agent.progress import AppendLog
 from stead.agent.requests import OperatorRequests
@@ -47,7 +48,7 @@ from stead.store.db import StateStore
 log = logging.getLogger(__name__)
 
 
-class Agent(OperatorRequests, RoleChanges, Procedures):
+class Agent(OperatorRequests, RoleChanges, Conversations, Procedures):
     def __init__(self, loaded: Loaded) -> None:
         self.loaded = loaded
         self.cluster = loaded.cluster
