@@ -16,7 +16,7 @@ import pytest
 
 from stead.config.load import load, load_cluster
 from stead.errors import LabError
-from stead.lab import Lab, netns, procs
+from stead.lab import Lab, netns, procs, ssh
 from stead.lab.config import Timing, lab_settings
 from stead.lab.nodes import node_names, parse_size
 
@@ -64,6 +64,8 @@ def leftovers(lab_dir: Path) -> dict[str, Any]:
         "loops": netns.loop_devices_under(lab_dir),
         "mounts": [line for line in mounts.splitlines() if "stead-" in line or "/srv/lab" in line],
         "holders": procs.holder_processes(),
+        "sshd": ssh.sshd_processes(),
+        "client_hosts": ssh.client_hosts_file().exists(),
     }
 
 
@@ -72,7 +74,15 @@ def running(pid: int) -> bool:
     return procs.start_time(pid) is not None and not procs.is_zombie(pid)
 
 
-NOTHING: dict[str, list[Any]] = {"netns": [], "links": [], "loops": [], "mounts": [], "holders": []}
+NOTHING: dict[str, Any] = {
+    "netns": [],
+    "links": [],
+    "loops": [],
+    "mounts": [],
+    "holders": [],
+    "sshd": [],
+    "client_hosts": False,
+}
 
 
 # -- without root ---------------------------------------------------------------------------
@@ -153,6 +163,44 @@ def test_lab_settings_make_a_cluster_configuration_the_schema_accepts(tmp_path: 
         lab_settings(text, protect="/srv/lab", timing=Timing(heartbeat=1.0, failover_timeout=1.0))
     with pytest.raises(LabError, match="heartbeat"):
         lab_settings(text, protect="/srv/lab", timing=Timing(heartbeat=-1))
+
+
+def test_the_client_resolves_management_and_public_names() -> None:
+    text = ssh.hosts_text({"primary": "198.19.0.11", "node4": "198.19.0.14"})
+    assert text.splitlines() == [
+        "127.0.0.1\tlocalhost",
+        "198.19.0.11\tprimary.lab.test primary PRIMARY",
+        "198.19.0.14\tnode4.lab.test node4 NODE4",
+        "198.19.0.100\tlabsvc.lab.test labsvc",
+    ]
+    assert ssh.client_hosts_file() == Path("/etc/netns/stead-client/hosts")
+
+
+def test_sshd_configuration_allows_the_lab_key_only(tmp_path: Path) -> None:
+    from stead.lab.config import NodePaths
+
+    paths = NodePaths(tmp_path / "primary")
+    lines = ssh.sshd_config_text("primary", paths, "198.19.0.11").splitlines()
+    settings = {line.split()[0]: line.split(maxsplit=1)[1] for line in lines if line[:1] != "#"}
+    assert [line for line in lines if line.startswith("ListenAddress")] == [
+        "ListenAddress 198.19.0.11:22",
+        "ListenAddress 198.19.0.100:22",
+    ]
+    assert settings["AuthorizedKeysFile"] == f'"{tmp_path}/primary/ssh/authorized_keys"'
+    assert settings["PidFile"] == f'"{tmp_path}/primary/run/sshd.pid"'
+    assert settings["HostKey"] == f'"{tmp_path}/primary/ssh/ssh_host_ed25519_key"'
+    assert (settings["PasswordAuthentication"], settings["UsePAM"]) == ("no", "no")
+    client = ssh.ClientFiles(tmp_path)
+    assert ssh.ssh_argv(client, "primary.lab.test", ["hostname"]) == [
+        "ssh",
+        "-F",
+        f"{tmp_path}/client/ssh_config",
+        "-i",
+        f"{tmp_path}/client/id_ed25519",
+        "--",
+        "root@primary.lab.test",
+        "hostname",
+    ]
 
 
 # -- with root ------------------------------------------------------------------------------
@@ -346,10 +394,16 @@ def test_kill_stop_and_start_the_agent(lab: Any) -> None:
     )
     assert int(child.stdout) == first
 
+    sshd = built.status()["nodes"]["secondary"]["sshd_pid"]
     built.kill("secondary")
     assert not built.status()["nodes"]["secondary"]["agent_alive"]
     assert not procs.group_members(first)
     assert built.status()["nodes"]["primary"]["agent_alive"]
+    # The management SSH server is no part of the agent: it outlives a kill.
+    node = built.status()["nodes"]["secondary"]
+    assert node["sshd_alive"] and node["sshd_pid"] == sshd
+    login = built.ssh("secondary.lab.test", ["hostname"])
+    assert (login.returncode, login.stdout) == (0, "secondary\n"), login.stderr
 
     built.start("secondary")
     node = built.status()["nodes"]["secondary"]
@@ -361,6 +415,7 @@ def test_kill_stop_and_start_the_agent(lab: Any) -> None:
     built.start("secondary")
     built.start("secondary")  # a running agent is left alone
     assert built.status()["nodes"]["secondary"]["agent_alive"]
+    assert built.status()["nodes"]["secondary"]["sshd_pid"] == sshd
 
 
 @pytest.mark.root
@@ -435,7 +490,10 @@ def test_up_again_keeps_what_runs_and_repairs_the_rest(lab: Any) -> None:
 @pytest.mark.cluster
 def test_down_leaves_nothing_behind(lab: Any) -> None:
     built: Lab = lab(3, agent_cmd="sleep infinity", skip_init=True)
-    pids = [p for n in built.status()["nodes"].values() for p in (n["holder_pid"], n["agent_pid"])]
+    nodes = built.status()["nodes"].values()
+    pids = [p for n in nodes for p in (n["holder_pid"], n["agent_pid"], n["sshd_pid"])]
+    assert all(n["sshd_alive"] for n in nodes)
+    assert ssh.client_hosts_file().exists()
     links = netns.list_lab_links()
     assert {"stead-pub0", "stv-client", "stv-p-primary", "stv-p-tertiary"} <= set(links)
     assert "stead-client" in netns.list_netns()
@@ -456,10 +514,16 @@ def test_down_all_cleans_up_after_a_crash(lab: Any) -> None:
     for node in nodes.values():
         os.kill(node["holder_pid"], signal.SIGKILL)
     (built.dir / "lab.json").unlink()  # a crash may leave no state at all
+    # sshd is found by its configuration too, should its namespace be gone as well.
+    assert sorted(ssh.sshd_processes(str(built.dir))) == sorted(
+        n["sshd_pid"] for n in nodes.values()
+    )
+    assert ssh.sshd_processes(str(built.dir / "other")) == []
     cli = [sys.executable, "-m", "stead", "lab", "down", "--all"]
     subprocess.run(cli, check=True, capture_output=True, env=dict(os.environ, STEAD_LAB_DIR="/x"))
     assert leftovers(built.dir) == NOTHING
     assert not any(running(n["agent_pid"]) for n in nodes.values())
+    assert not any(running(n["sshd_pid"]) for n in nodes.values())
 
 
 @pytest.mark.root

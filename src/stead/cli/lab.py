@@ -50,14 +50,18 @@ def render(data: dict[str, Any]) -> Table:
         f"public network:  bridge {data['public_bridge']} {data['public_gateway']}/24 (gateway),"
         f" service {data['service_address']}/{data['service_prefix_len']}"
         f" port {data['service_port']} on the active's {data['service_interface']},"
-        f" client {client['address']} (`stead lab exec {client['name']} -- ...`)"
+        f" client {client['address']} (`stead lab exec {client['name']} -- ...`)\n"
+        f"management: `stead lab ssh NODE.lab.test` from the client (ssh_config"
+        f" {data['ssh_config']}, names in {data['client_hosts_file']})"
     )
     table = Table(title=title, title_justify="left")
-    for column in ("node", "channel", "public", "holder", "agent", "network", "socket", "files"):
+    columns = ("node", "channel", "public", "holder", "agent", "sshd", "network", "socket", "files")
+    for column in columns:
         table.add_column(column)
     for node in data["nodes"].values():
         holder = f"{node['holder_pid']}" if node["holder_alive"] else "[red]down[/red]"
         agent = f"{node['agent_pid']}" if node["agent_alive"] else "[red]stopped[/red]"
+        sshd = f"{node['sshd_pid']}" if node["sshd_alive"] else "[red]stopped[/red]"
         cut = " + ".join(node["partitioned_from"])
         network = f"[red]cut: {cut}[/red]" if cut else "[green]up[/green]"
         name = node["name"] + (" (active)" if node["name"] == data["active"] else "")
@@ -67,6 +71,7 @@ def render(data: dict[str, Any]) -> Table:
             node["public_address"],
             holder,
             agent,
+            sshd,
             network,
             node["socket"],
             node["fs_path"] or "-",
@@ -142,6 +147,28 @@ def _cwd() -> str | None:
         return os.getcwd()
     except OSError:
         return None
+
+
+@app.command(
+    "ssh",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def ssh_(
+    host: Annotated[
+        str,
+        typer.Argument(help="primary.lab.test, secondary, labsvc.lab.test (the active), ..."),
+    ],
+    command: Annotated[
+        list[str] | None, typer.Argument(help="Remote command (after --); none: a login shell.")
+    ] = None,
+    directory: DirOption = None,
+) -> None:
+    """Log in as root over SSH from the client namespace, which resolves the nodes'
+    management names and the public name: `stead lab ssh primary.lab.test -- hostname`.
+    The command runs in the remote shell, as with ssh."""
+    lab = _lab(directory)
+    argv = lab.ssh_command(host, command or [])
+    os.execvpe(argv[0], argv, lab.node_env("client"))
 
 
 @app.command()

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from stead.errors import LabError
-from stead.lab import netns, procs
+from stead.lab import netns, procs, ssh
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,9 @@ def sweep_all() -> list[str]:
     net = {i for i in (netns.netns_inode(n) for n in names) if i is not None}
     holders = procs.holder_processes()
     mnt = {i for i in (procs.ns_inode(p, "mnt") for p in holders) if i is not None}
-    victims = sorted(set(procs.processes_in_namespaces(net, mnt)) | set(holders))
+    # sshd by its configuration too: it outlives a namespace deleted under it.
+    own = set(holders) | set(ssh.sshd_processes())
+    victims = sorted(set(procs.processes_in_namespaces(net, mnt)) | own)
     if victims:
         procs.kill_pids(victims)
         removed.append(f"{len(victims)} processes")
@@ -122,6 +124,9 @@ def sweep_all() -> list[str]:
         if netns.link_exists(bridge):
             netns.remove_bridge(bridge)
             removed.append(f"bridge {bridge}")
+    if ssh.client_hosts_file().exists():
+        ssh.remove_client_hosts()
+        removed.append(f"file {ssh.client_hosts_file()}")
     netns.clear_drop()
     release()
     return removed

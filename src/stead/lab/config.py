@@ -85,8 +85,37 @@ class NodePaths:
     def agent_pid_file(self) -> Path:
         return self.run / "agent.pid"
 
+    @property
+    def ssh(self) -> Path:
+        """The node's SSH server files: host key, authorised keys, sshd_config."""
+        return self.root / "ssh"
+
+    @property
+    def ssh_host_key(self) -> Path:
+        return self.ssh / "ssh_host_ed25519_key"
+
+    @property
+    def ssh_host_key_pub(self) -> Path:
+        return self.ssh / "ssh_host_ed25519_key.pub"
+
+    @property
+    def ssh_authorized_keys(self) -> Path:
+        return self.ssh / "authorized_keys"
+
+    @property
+    def sshd_config(self) -> Path:
+        return self.ssh / "sshd_config"
+
+    @property
+    def sshd_pid_file(self) -> Path:
+        return self.run / "sshd.pid"
+
+    @property
+    def sshd_log(self) -> Path:
+        return self.root / "sshd.log"
+
     def make(self) -> None:
-        for path in (self.etc, self.state, self.run):
+        for path in (self.etc, self.state, self.run, self.ssh):
             path.mkdir(parents=True, exist_ok=True)
         # Marks a lab node directory, so that leftovers can be recognised by what backs them.
         (self.root / ".stead-lab-node").touch()

@@ -221,7 +221,10 @@ def create_node_network(node: str, index: int, address: str, public_address: str
     # of the interface asked on, and announces with the address of the interface it sends
     # from, so that no stale node claims the service address on the wrong link.
     conf = f"net/ipv4/conf/{PUB_IFNAME}"
-    _sysctl_in(ns, {f"{conf}/arp_ignore": "1", f"{conf}/arp_announce": "2"})
+    # ip_nonlocal_bind: servers of every node (its sshd) listen on the service address too,
+    # before the node holds it, as on real HA hosts; only the holder receives its packets.
+    settings = {f"{conf}/arp_ignore": "1", f"{conf}/arp_announce": "2"}
+    _sysctl_in(ns, {**settings, "net/ipv4/ip_nonlocal_bind": "1"})
     run([*in_ns, "addr", "replace", f"{address}/{PREFIX_LEN}", "dev", NODE_IFNAME])
     run([*in_ns, "addr", "replace", f"{public_address}/{PREFIX_LEN}", "dev", PUB_IFNAME])
     run([*in_ns, "link", "set", "lo", "up"])

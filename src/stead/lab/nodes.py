@@ -5,7 +5,8 @@ network, see ``stead.lab.netns``), a UTS namespace with the node's host name, an
 namespace where the protected path ``/srv/lab`` is the node's own ext4 file system (a sparse
 image, loop-mounted). A client namespace sits on the public network only. A holder process
 keeps a node's namespaces alive (see ``stead.lab.holder``); the node's agent and every
-command for the node enter them with ``nsenter -t HOLDER -m -u -n``. Configuration, state
+command for the node enter them with ``nsenter -t HOLDER -m -u -n``; so does its management
+SSH server (see ``stead.lab.ssh``), in a session of its own. Configuration, state
 and the agent's API socket stay on the host disk under ``DIR/<node>``, so the host reaches
 them directly.
 
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stead.errors import LabError
-from stead.lab import cleanup, netns, procs, state
+from stead.lab import cleanup, netns, procs, ssh, state
 from stead.lab.config import NodePaths, Timing, write_cluster_config
 from stead.lab.disk import FILL_FILE, FILL_SCRIPT, make_image, parse_size
 from stead.lab.state import LabState, NodeState
@@ -234,9 +235,17 @@ class Lab:
             if not netns.client_network_ok():
                 cleanup.teardown_client()
                 netns.create_client_network()
+            client = ssh.prepare_client(self.dir)
             for name in names:
-                self._ensure_node(current, current.nodes[name])
+                node = current.nodes[name]
+                self._ensure_node(current, node)
+                state.save(self.dir, current)  # `command` finds the node's holder there
+                ssh.prepare_node(name, self.paths(name), node.public_address, client)
+                self._ensure_sshd(node)
                 state.save(self.dir, current)
+            management = {name: current.nodes[name].public_address for name in names}
+            ssh.write_client_config(client, {n: (a, self.paths(n)) for n, a in management.items()})
+            ssh.write_client_hosts(management)
             for name in names:
                 node = current.nodes[name]
                 if name in changed:
@@ -263,10 +272,11 @@ class Lab:
             nodes = list(current.nodes.values()) if current else []
             for node in nodes:
                 self._teardown(node)
-            stray = procs.holder_processes(str(self.dir))
+            stray = procs.holder_processes(str(self.dir)) + ssh.sshd_processes(str(self.dir))
             if stray:
                 procs.kill_pids(stray)
             cleanup.teardown_client()
+            ssh.remove_client_hosts()
             if not [link for link in netns.list_lab_links() if link not in netns.BRIDGES]:
                 netns.remove_bridges()
                 netns.clear_drop()
@@ -282,6 +292,8 @@ class Lab:
             )
 
     def _teardown(self, node: NodeState) -> None:
+        ssh.stop_sshd(node.sshd)
+        node.set_sshd(None)
         veths = [node.veth, node.pub_veth]
         cleanup.teardown_node(node.netns, veths, self.paths(node.name).image, [node.holder])
         node.set_holder(None)
@@ -322,6 +334,14 @@ class Lab:
         if ref is None:
             raise LabError(f"the holder of node {node.name} died; see {paths.holder_log}")
         return ref
+
+    def _ensure_sshd(self, node: NodeState) -> None:
+        """The node's management SSH server, in a session of its own: `kill` of the agent's
+        process group leaves it running; `down` ends it with the node."""
+        sshd = node.sshd
+        if sshd is None or not sshd.alive():
+            paths = self.paths(node.name)
+            node.set_sshd(ssh.start_sshd(node.name, paths, lambda a: self.command(node.name, a)))
 
     # -- agents --------------------------------------------------------------------------
 
@@ -389,6 +409,7 @@ class Lab:
             holder = node.holder
             if holder is None or not holder.alive():
                 raise LabError(f"node {name} is down; run `stead lab up` to rebuild it")
+            self._ensure_sshd(node)
             self._ensure_agent(current, node)
             state.save(self.dir, current)
         if current.wait_ready:
@@ -474,6 +495,24 @@ class Lab:
             timeout=timeout,
             text=True,
             check=check,
+        )
+
+    def ssh_command(self, host: str, command: Sequence[str] = ()) -> list[str]:
+        """``ssh root@HOST COMMAND`` from the client namespace, where HOST resolves through
+        the hosts file the lab manages (management names, public names)."""
+        return self.command(netns.CLIENT, ssh.ssh_argv(ssh.ClientFiles(self.dir), host, [*command]))
+
+    def ssh(
+        self, host: str, command: Sequence[str], *, timeout: float = 30.0
+    ) -> subprocess.CompletedProcess[str]:
+        """Log in to ``host`` from the client and run ``command`` (output captured)."""
+        return subprocess.run(
+            self.ssh_command(host, command),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env=self.node_env(netns.CLIENT),
         )
 
     def popen(self, name: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:

@@ -40,6 +40,8 @@ class NodeState:
     holder_start: int | None = None
     agent_pid: int | None = None
     agent_start: int | None = None
+    sshd_pid: int | None = None
+    sshd_start: int | None = None
 
     @property
     def holder(self) -> ProcRef | None:
@@ -53,11 +55,20 @@ class NodeState:
             return None
         return ProcRef(self.agent_pid, self.agent_start)
 
+    @property
+    def sshd(self) -> ProcRef | None:
+        if self.sshd_pid is None or self.sshd_start is None:
+            return None
+        return ProcRef(self.sshd_pid, self.sshd_start)
+
     def set_holder(self, ref: ProcRef | None) -> None:
         self.holder_pid, self.holder_start = (ref.pid, ref.start) if ref else (None, None)
 
     def set_agent(self, ref: ProcRef | None) -> None:
         self.agent_pid, self.agent_start = (ref.pid, ref.start) if ref else (None, None)
+
+    def set_sshd(self, ref: ProcRef | None) -> None:
+        self.sshd_pid, self.sshd_start = (ref.pid, ref.start) if ref else (None, None)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stead.lab import netns
+from stead.lab import netns, ssh
 from stead.lab.config import DEMO_PORT, PUBLIC_HOSTNAME, NodePaths
 from stead.lab.state import LabState, NodeState
 
@@ -50,6 +50,8 @@ def describe(
             "veth": netns.client_veth(),
             "present": netns.netns_exists(netns.client_netns()),
         },
+        "ssh_config": str(ssh.ClientFiles(lab_dir).ssh_config),
+        "client_hosts_file": str(ssh.client_hosts_file()),
         "active": current.active if current else None,
         "protect": protect,
         "nodes": {},
@@ -71,6 +73,9 @@ def describe(
             "holder_alive": holder_alive,
             "agent_pid": node.agent_pid,
             "agent_alive": agent is not None and agent.alive(),
+            "sshd_pid": node.sshd_pid,
+            "sshd_alive": node.sshd is not None and node.sshd.alive(),
+            "management_names": ssh.management_names(name),
             "partitioned": bool(cut),
             "partitioned_from": cut,
             "socket": str(node_paths.socket),
