@@ -12,6 +12,7 @@ agent restarted after ``kill -9`` can still undo exactly what its predecessor di
 from __future__ import annotations
 
 import abc
+import asyncio
 import contextlib
 import json
 import logging
@@ -77,6 +78,31 @@ class IdentityBackend(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}: {self.describe()}>"
+
+
+class BlockingIdentity(IdentityBackend):
+    """A backend whose work blocks (netlink, DNS exchanges): each call runs its blocking
+    half in a worker thread, where the backend serialises them under its own lock."""
+
+    __slots__ = ()
+
+    async def take(self) -> None:
+        await asyncio.to_thread(self._take)
+
+    async def release(self) -> None:
+        await asyncio.to_thread(self._release)
+
+    async def holds(self) -> bool:
+        return await asyncio.to_thread(self._holds)
+
+    @abc.abstractmethod
+    def _take(self) -> None: ...
+
+    @abc.abstractmethod
+    def _release(self) -> None: ...
+
+    @abc.abstractmethod
+    def _holds(self) -> bool: ...
 
 
 class NullIdentity(IdentityBackend):

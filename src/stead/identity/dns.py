@@ -61,7 +61,7 @@ from stead.config.dns import (
     in_zone as in_zone,
 )
 from stead.errors import IdentityError, SteadError
-from stead.identity.base import IdentityBackend, StateFile
+from stead.identity.base import BlockingIdentity, StateFile
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +297,7 @@ def _delete_if_ours_steps(addresses: Iterable[IPAddress]) -> list[tuple[str, Any
     return steps
 
 
-class DnsIdentity(IdentityBackend):
+class DnsIdentity(BlockingIdentity):
     """The public name points at this node's addresses while it is active.
 
     The state file holds ``zone``, ``name`` and ``addresses`` (what the take sets, recorded
@@ -323,15 +323,6 @@ class DnsIdentity(IdentityBackend):
     def describe(self) -> str:
         published = ", ".join(str(address) for address in self.addresses)
         return f"DNS {self.name} -> {published} (server {self.section.where})"
-
-    async def take(self) -> None:
-        await asyncio.to_thread(self._take)
-
-    async def release(self) -> None:
-        await asyncio.to_thread(self._release)
-
-    async def holds(self) -> bool:
-        return await asyncio.to_thread(self._holds)
 
     # The blocking halves, each under the lock.
 

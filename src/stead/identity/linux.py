@@ -20,7 +20,6 @@ so that the release sees everything the take did.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import ipaddress
 import logging
@@ -37,7 +36,7 @@ from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 
 from stead.config.schema import PublicSection
 from stead.errors import IdentityError
-from stead.identity.base import IdentityBackend, StateFile
+from stead.identity.base import BlockingIdentity, StateFile
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +87,7 @@ class _Link:
     mac: bytes | None  # None: no Ethernet address, nothing to announce at layer 2
 
 
-class LinuxHost(IdentityBackend):
+class LinuxHost(BlockingIdentity):
     """Host name and service addresses of this Linux host (see the module docstring).
 
     The state file holds ``hostname`` (``{"previous": ..., "public": ...}`` or null),
@@ -113,15 +112,6 @@ class LinuxHost(IdentityBackend):
         parts = [f"host name {self._hostname}"] if self._hostname else []
         parts.extend(str(address) for address in self.addresses)
         return ", ".join(parts) or "nothing on this host"
-
-    async def take(self) -> None:
-        await asyncio.to_thread(self._take)
-
-    async def release(self) -> None:
-        await asyncio.to_thread(self._release)
-
-    async def holds(self) -> bool:
-        return await asyncio.to_thread(self._holds)
 
     # The blocking halves, each under the lock.
 
