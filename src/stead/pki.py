@@ -18,8 +18,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-import tempfile
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -27,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from stead.errors import UsageError
+from stead.fsutil import write_atomic
 
 OPERATOR_PREFIX = "operator:"
 # Certificates are valid from a little before "now" so that a peer whose clock lags a
@@ -123,23 +122,7 @@ def cert_common_name(cert: bytes) -> str:
 
 def write_private(path: str | os.PathLike[str], data: bytes) -> None:
     """Write a secret (a private key) with mode 0600, atomically (temp file, fsync, rename)."""
-    target = Path(path)
-    # mkstemp creates the file 0600 before anything is written into it.
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(path, data, 0o600)
 
 
 def _issue(

@@ -193,3 +193,15 @@ def sample_roles(lab: Lab, seconds: float, interval: float = 0.2) -> list[dict[s
         assert len(epochs) == len(set(epochs)), f"two actives in one epoch: {actives}"
         time.sleep(interval)  # sampling other processes' state over time: nothing to await
     return history
+
+
+def switchover(lab: Lab, source: str, target: str) -> dict[str, Any]:
+    """Ask ``source`` to hand the role to ``target``; wait until the target serves."""
+    job = agent(lab, source).call("POST", "/v1/switchover", {"to": target})
+    deadline = time.monotonic() + 120
+    while job["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling a job of another process: nothing to await
+        job = agent(lab, source).call("GET", f"/v1/jobs/{job['id']}")
+    assert job["state"] == "done", job
+    wait_active(lab, target)
+    return dict(job)

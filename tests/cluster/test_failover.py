@@ -26,6 +26,7 @@ from failoverutil import (
     read_key,
     roles,
     sample_roles,
+    switchover,
     wait_active,
 )
 
@@ -41,17 +42,6 @@ def _up(lab: Any, n: int = 3) -> Lab:
     return built
 
 
-def _switchover(built: Lab, source: str, target: str) -> dict[str, Any]:
-    job = agent(built, source).call("POST", "/v1/switchover", {"to": target})
-    deadline = time.monotonic() + 120
-    while job["state"] == "running" and time.monotonic() < deadline:
-        time.sleep(0.05)  # polling a job of another process: nothing to await
-        job = agent(built, source).call("GET", f"/v1/jobs/{job['id']}")
-    assert job["state"] == "done", job
-    wait_active(built, target)
-    return dict(job)
-
-
 def _wait_sync(built: Lab, active: str) -> None:
     result = built.exec(active, ["stead", "wait-sync", "--timeout", "60"], capture=True)
     assert result.returncode == 0, result.stderr + result.stdout
@@ -65,7 +55,7 @@ def test_switchover_back_and_forth_keeps_every_acknowledged_write(lab: Any) -> N
         pairs = [("primary", "secondary"), ("secondary", "primary")] * 10
         for source, target in pairs:
             time.sleep(1.0)  # let the client write to this active for a while (load, not sync)
-            job = _switchover(built, source, target)
+            job = switchover(built, source, target)
             steps = [step["step"] for step in job["result"]["steps"]]
             assert steps[0] == "stop services" and steps[-1] == "hand over", steps
             history.append(roles(built))

@@ -11,12 +11,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from typing import Any
 
 import pytest
 from clusterutil import wait_connected, wait_until
-from failoverutil import agent, wait_active
+from failoverutil import switchover, wait_active
 
 from stead.lab import Lab
 
@@ -31,16 +30,6 @@ def remote(lab: Lab, host: str, *command: str) -> str:
 
 def hostname(lab: Lab, host: str) -> str:
     return remote(lab, host, "hostname").strip()
-
-
-def switchover(lab: Lab, source: str, target: str) -> None:
-    job = agent(lab, source).call("POST", "/v1/switchover", {"to": target})
-    deadline = time.monotonic() + 120
-    while job["state"] == "running" and time.monotonic() < deadline:
-        time.sleep(0.05)  # polling a job of another process: nothing to await
-        job = agent(lab, source).call("GET", f"/v1/jobs/{job['id']}")
-    assert job["state"] == "done", job
-    wait_active(lab, target)
 
 
 def test_management_and_public_names_follow_the_roles(lab: Any) -> None:

@@ -18,7 +18,6 @@ Duties:
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,8 @@ from typing import Any
 import tomlkit
 from tomlkit.container import Container
 from tomlkit.items import AoT, Array, InlineTable, Item, Table
+
+from stead import fsutil
 
 _IDENTITY_KEYS = ("name", "path")  # how entries of an array of tables are told apart
 _INLINE = 99  # the depth of anything inside an inline table or an array
@@ -216,19 +217,4 @@ def write_atomic(path: Path, text: str) -> None:
         umask = os.umask(0)
         os.umask(umask)
         mode = 0o666 & ~umask
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsutil.write_atomic(path, text.encode("utf-8"), mode)
