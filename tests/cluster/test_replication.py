@@ -208,7 +208,10 @@ def test_disk_full_passive_stalls_then_recovers(lab: Any) -> None:
     built: Lab = lab(2, disk_size="256M")
     # Everything through the receive queue: the applier stalls, the queue holds the rest.
     set_cluster_option(built, 'receive_memory = "64MiB"', 'receive_memory = "0"')
+    # The restart's fast check must be over first: while it runs the passive reads as
+    # "out of sync", and with the disk full it could not finish.
     wait_connected(built)
+    wait_sync(built)
     built.fill_disk("secondary")
     sh(built, "primary", "head -c 20000000 /dev/urandom > /srv/lab/wontfit")
     wait_until(lambda: status(built, "secondary")["nodes"][0]["apply_error"], 60, "an apply error")
