@@ -66,6 +66,7 @@ def leftovers(lab_dir: Path) -> dict[str, Any]:
         "holders": procs.holder_processes(),
         "sshd": ssh.sshd_processes(),
         "client_hosts": ssh.client_hosts_file().exists(),
+        "mount_points": [p for p in ("/opt/lab", "/etc/lab") if Path(p).exists()],
     }
 
 
@@ -82,6 +83,7 @@ NOTHING: dict[str, Any] = {
     "holders": [],
     "sshd": [],
     "client_hosts": False,
+    "mount_points": [],
 }
 
 
@@ -219,6 +221,15 @@ def test_nodes_have_their_own_host_name_and_file_system(lab: Any) -> None:
     assert (built.node_fs_path("primary") / "only-primary").read_text() == "mine\n"
     assert not (built.node_fs_path("secondary") / "only-primary").exists()
     assert not Path("/srv/lab/only-primary").exists()  # not on the host either
+    # System trees and a package database of each node's own, beside the protected path.
+    built.exec("primary", ["sh", "-c", "echo 2.0 > /opt/lab/app/VERSION"], check=True)
+    for name, version in (("primary", "2.0\n"), ("secondary", "1.0\n")):
+        assert built.exec(name, ["cat", "/opt/lab/app/VERSION"], capture=True).stdout == version
+        node_conf = built.exec(name, ["cat", "/etc/lab/node.conf"], capture=True).stdout
+        assert node_conf == f"node = {name}\n"
+        dpkg = built.exec(name, ["findmnt", "-n", "-o", "SOURCE", "/var/lib/dpkg"], capture=True)
+        assert "[/dpkg]" in dpkg.stdout
+    assert not Path("/opt/lab/app").exists()
     status = built.status()
     assert status["bridge_address"] == "198.18.0.1"
     assert built.addresses() == {
@@ -478,7 +489,7 @@ def test_up_again_keeps_what_runs_and_repairs_the_rest(lab: Any) -> None:
     assert after["primary"]["agent_pid"] != before["primary"]["agent_pid"]
     assert after["secondary"]["holder_pid"] != before["secondary"]["holder_pid"]
     assert all(n["holder_alive"] and n["agent_alive"] for n in after.values())
-    assert len(netns.loop_devices_under(built.dir)) == 3  # no image mounted twice
+    assert len(netns.loop_devices_under(built.dir)) == 6  # two images a node, none twice
     assert built.exec("secondary", ["hostname"], capture=True).stdout.strip() == "secondary"
 
     built.up(2)

@@ -89,6 +89,12 @@ def test_init_refuses_bad_input(tmp_path: Path) -> None:
         (('active = "primary"', 'active = "nobody"'), "(top level)", "nobody"),
         (('path = "/srv/data"', 'path = "relative"'), "protected.0.path", "absolute"),
         (('"198.18.0.12"', '"not-an-ip"'), "nodes.1.addresses", "not an IP"),
+        (('"/opt", "/usr/local"]', '"/opt", "/opt/x"]'), "system.trees", "overlap"),
+        (('trees = ["/etc"', 'trees = ["etc"'), "system.trees", "absolute"),
+        (('trees = ["/etc"', 'trees = ["/srv/data/sub"'), "(top level)", "lies in protected"),
+        (('packages = "auto"', 'packages = "yum"'), "system.packages", "dpkg"),
+        (("[system]", '[system]\nexclude = ["etc/x"]'), "system.exclude", "absolute"),
+        (('"root@{host}"]', '"root@somewhere"]'), "patch.connect", "{host}"),
     ],
 )
 def test_config_errors_name_file_key_and_reason(

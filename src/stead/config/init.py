@@ -95,6 +95,17 @@ after_active = []
 before_passive = []
 after_passive = []
 
+[system]                    # outside the protected set: compared by drift, copied by reclone
+trees = ["/etc", "/opt", "/usr/local"]
+packages = "auto"           # dpkg | rpm | auto | none
+# exclude = ["/etc/mtab", "*.swp"]                  # neither compared nor copied
+# preserve = ["/etc/hostname", "/etc/machine-id"]   # each node's own (see the README's defaults)
+
+[patch]                     # `stead patch`: how a command reaches a node's management identity
+connect = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "root@{{host}}"]
+command = ""                # default patch command, e.g. "apt-get -y upgrade"
+switch_back = false         # switch back to the original active at the end
+
 # [[services]]              # protected services, started in this order on the active only
 # name = "web"
 # unit = "nginx.service"    # or exec = [argv] (supervised) or start/stop/status = [argv]

@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from stead.config.dns import DnsSection
+from stead.config.system import PatchSection, SystemSection
 from stead.services.config import ServiceSpec
 
 _SIZE_UNITS = {
@@ -388,6 +389,8 @@ class ClusterConfig(_Strict):
     services: list[ServiceSpec] = Field(default_factory=list)
     protected: list[ProtectedPath] = Field(min_length=1)
     nodes: list[NodeSection] = Field(min_length=2)
+    system: SystemSection = Field(default_factory=SystemSection)
+    patch: PatchSection = Field(default_factory=PatchSection)
 
     @model_validator(mode="after")
     def _consistent(self) -> ClusterConfig:
@@ -425,6 +428,12 @@ class ClusterConfig(_Strict):
             for b in paths[i + 1 :]:
                 if a == b or a in b.parents or b in a.parents:
                     raise ValueError(f"protected paths {a} and {b} overlap")
+        for tree in map(PurePosixPath, self.system.trees):
+            for path in paths:
+                if tree == path or path in tree.parents:
+                    raise ValueError(
+                        f"system tree {tree} lies in protected path {path}: it is replicated"
+                    )
         return self
 
     def node(self, name: str) -> NodeSection:

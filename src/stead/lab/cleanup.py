@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from stead.errors import LabError
 from stead.lab import netns, procs, ssh
+from stead.lab.holder import SYSTEM_BINDS
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +57,10 @@ def _release_loops(still_there: Callable[[], list[str]]) -> None:
 
 
 def teardown_node(
-    ns: str, veths: Iterable[str], image: Path, holders: Iterable[procs.ProcRef | None]
+    ns: str, veths: Iterable[str], node_dir: Path, holders: Iterable[procs.ProcRef | None]
 ) -> None:
-    """Remove one node: its processes, namespaces, veth pairs and loop device."""
+    """Remove one node: its processes, namespaces, veth pairs and loop devices (those of the
+    images under ``node_dir``)."""
     holders = list(holders)
     net = netns.netns_inode(ns)
     mnt = {
@@ -73,8 +76,8 @@ def teardown_node(
         procs.kill_pids(sorted(set(victims)))
     _remove_veths(veths)
     netns.remove_node_network(ns)
-    if netns.loop_devices_under(image):
-        _release_loops(lambda: netns.loop_devices_under(image))
+    if netns.loop_devices_under(node_dir):
+        _release_loops(lambda: netns.loop_devices_under(node_dir))
 
 
 def _remove_veths(veths: Iterable[str]) -> None:
@@ -94,6 +97,18 @@ def teardown_client() -> None:
             procs.kill_pids(victims)
     _remove_veths([netns.client_veth()])
     netns.remove_node_network(ns)
+
+
+def remove_mount_points() -> list[str]:
+    """The empty directories the holders made on the shared root to bind system trees on."""
+    removed = []
+    for target in SYSTEM_BINDS.values():
+        try:
+            os.rmdir(target)  # only when empty: never a directory that holds anything
+        except OSError:
+            continue
+        removed.append(f"directory {target}")
+    return removed
 
 
 def sweep_all() -> list[str]:
@@ -128,5 +143,6 @@ def sweep_all() -> list[str]:
         ssh.remove_client_hosts()
         removed.append(f"file {ssh.client_hosts_file()}")
     netns.clear_drop()
+    removed += remove_mount_points()
     release()
     return removed

@@ -70,6 +70,15 @@ class NodePaths:
         return self.root / "disk.img"
 
     @property
+    def system_image(self) -> Path:
+        return self.root / "system.img"
+
+    @property
+    def system_mount(self) -> Path:
+        """Where the holder mounts the system image, in the node's mount namespace only."""
+        return self.root / "system"
+
+    @property
     def agent_log(self) -> Path:
         return self.root / "agent.log"
 
@@ -186,6 +195,9 @@ def _table(doc: tomlkit.TOMLDocument, name: str) -> Any:
     return doc[name]
 
 
+# Each node's own system trees (stead.lab.holder mounts them from the node's system image).
+SYSTEM_TREES = ["/opt/lab", "/etc/lab"]
+SYSTEM_PRESERVE = ["/etc/lab/node.conf"]
 LAB_DOMAIN = "lab.test"  # a reserved test domain: lab names never leak to real DNS
 
 
@@ -224,6 +236,10 @@ def lab_settings(text: str, *, protect: str, timing: Timing = Timing()) -> str:
         )
         node["management"] = management
     doc["services"] = tomlkit.item([demo_service(protect)])  # an array of tables
+    system = _table(doc, "system")
+    system["trees"] = SYSTEM_TREES
+    system["preserve"] = SYSTEM_PRESERVE
+    system["packages"] = "dpkg"
     result = tomlkit.dumps(doc)
     try:
         ClusterConfig.model_validate(tomllib.loads(result))

@@ -2,9 +2,11 @@
 
 Started as ``ip netns exec stead-NODE unshare --mount --uts --propagation private -- python -m
 stead.lab.holder ...``, it sets the node's host name, loop-mounts the node's disk image on the
-protected path and then waits. Every command for the node enters the holder's namespaces
-(``nsenter -t PID -m -u -n``). It writes its pid file only once the node is ready, or a
-``.failed`` file with the reason, so its starter never has to guess.
+protected path, loop-mounts the node's system image and binds its trees (``/opt/lab``,
+``/etc/lab``, and a package database of the node's own on ``/var/lib/dpkg``), then waits.
+Every command for the node enters the holder's namespaces (``nsenter -t PID -m -u -n``). It
+writes its pid file only once the node is ready, or a ``.failed`` file with the reason, so
+its starter never has to guess.
 
 Stdlib only: it runs before anything else of the node exists.
 """
@@ -26,6 +28,48 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+# The node's system image: directory in the image -> where the node sees it.
+SYSTEM_BINDS = {"opt": "/opt/lab", "etc": "/etc/lab", "dpkg": "/var/lib/dpkg"}
+
+
+def _seed_system(mount: Path, node: str) -> None:
+    """First mount of a node's system image: trees alike on every node, but for what each
+    node keeps as its own (``/etc/lab/node.conf``), and a copy of the host's dpkg database."""
+    if (mount / ".seeded").exists():
+        return
+    (mount / "opt" / "app" / "bin").mkdir(parents=True, exist_ok=True)
+    (mount / "opt" / "app" / "VERSION").write_text("1.0\n")
+    tool = mount / "opt" / "app" / "bin" / "tool"
+    tool.write_text("#!/bin/sh\necho lab tool 1.0\n")
+    tool.chmod(0o755)
+    (mount / "etc").mkdir(exist_ok=True)
+    (mount / "etc" / "app.conf").write_text("[app]\nlisten = 8080\n")
+    (mount / "etc" / "node.conf").write_text(f"node = {node}\n")
+    if os.path.isdir("/var/lib/dpkg"):
+        subprocess.run(["cp", "-a", "/var/lib/dpkg/.", str(mount / "dpkg")], check=True)
+    else:
+        (mount / "dpkg").mkdir(exist_ok=True)
+    _write_atomic(mount / ".seeded", "1\n")
+
+
+def _mount_system(image: str, mount: Path, node: str) -> None:
+    subprocess.run(
+        ["mount", "-o", "loop,noinit_itable", image, str(mount)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    _seed_system(mount, node)
+    for name, target in SYSTEM_BINDS.items():
+        os.makedirs(target, exist_ok=True)  # on the shared root: an empty mount point
+        subprocess.run(
+            ["mount", "--bind", str(mount / name), target],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+
+
 def _stop(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
@@ -36,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node", required=True)
     parser.add_argument("--image", required=True)
     parser.add_argument("--mountpoint", required=True)
+    parser.add_argument("--system-image", default="")
+    parser.add_argument("--system-mount", default="")
     parser.add_argument("--pid-file", required=True)
     args = parser.parse_args(argv)
     pid_file = Path(args.pid_file)
@@ -53,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             capture_output=True,
             text=True,
         )
+        if args.system_image:
+            os.makedirs(args.system_mount, exist_ok=True)
+            _mount_system(args.system_image, Path(args.system_mount), args.node)
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or str(exc)
         _write_atomic(failed, f"{args.node}: {detail.strip()}\n")

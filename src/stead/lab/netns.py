@@ -344,6 +344,9 @@ def loop_devices_under(directory: Path) -> list[str]:
     return found
 
 
+LAB_IMAGES = ("/disk.img", "/system.img")
+
+
 def lab_loop_devices() -> list[str]:
     """Loop devices backed by a lab disk image, wherever the lab lives."""
     out = run(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE"], check=False)
@@ -352,7 +355,7 @@ def lab_loop_devices() -> list[str]:
     return [
         str(dev["name"])
         for dev in json.loads(out).get("loopdevices", [])
-        if str(dev.get("back-file") or "").removesuffix(" (deleted)").endswith("/disk.img")
+        if str(dev.get("back-file") or "").removesuffix(" (deleted)").endswith(LAB_IMAGES)
         and Path(str(dev.get("back-file"))).parent.joinpath(".stead-lab-node").exists()
     ]
 

@@ -45,6 +45,7 @@ WAIT_READY_ENV = "STEAD_LAB_WAIT_READY"
 PROTECT = "/srv/lab"
 FIRST_NAMES = ("primary", "secondary", "tertiary")
 HOLDER_TIMEOUT = 15.0
+SYSTEM_IMAGE_SIZE = 256 * 1024**2  # sparse: the seeded trees and a dpkg database take ~40 MB
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 NETWORKS = ("channel", "public")
@@ -280,6 +281,7 @@ class Lab:
             if not [link for link in netns.list_lab_links() if link not in netns.BRIDGES]:
                 netns.remove_bridges()
                 netns.clear_drop()
+            cleanup.remove_mount_points()
             state.remove(self.dir)
             cleanup.release(self.dir)
 
@@ -295,7 +297,7 @@ class Lab:
         ssh.stop_sshd(node.sshd)
         node.set_sshd(None)
         veths = [node.veth, node.pub_veth]
-        cleanup.teardown_node(node.netns, veths, self.paths(node.name).image, [node.holder])
+        cleanup.teardown_node(node.netns, veths, self.paths(node.name).root, [node.holder])
         node.set_holder(None)
         node.set_agent(None)
 
@@ -311,6 +313,8 @@ class Lab:
         paths = self.paths(node.name)
         if not paths.image.exists():
             make_image(paths.image, parse_size(current.disk_size), node.name)
+        if not paths.system_image.exists():
+            make_image(paths.system_image, SYSTEM_IMAGE_SIZE, f"sys-{node.name}")
         netns.create_node_network(node.name, node.index, node.address, node.public_address)
         node.set_holder(self._start_holder(node, paths))
 
@@ -322,6 +326,7 @@ class Lab:
         argv += ["unshare", "--mount", "--uts", "--propagation", "private", "--"]
         argv += [sys.executable, "-m", procs.HOLDER_MARKER, f"--lab-dir={self.dir}"]
         argv += [f"--node={node.name}", f"--image={paths.image}", f"--mountpoint={PROTECT}"]
+        argv += [f"--system-image={paths.system_image}", f"--system-mount={paths.system_mount}"]
         argv += [f"--pid-file={paths.holder_pid_file}"]
         procs.spawn_detached(argv, log_path=paths.holder_log)
         if not procs.wait_until(
