@@ -6,7 +6,20 @@ import sys
 
 import typer
 
-from stead.cli import agent, check, config, configure, filters, init, inventory, lab, roles, status
+from stead.cli import (
+    agent,
+    check,
+    config,
+    configure,
+    drift,
+    filters,
+    init,
+    inventory,
+    lab,
+    patch,
+    roles,
+    status,
+)
 from stead.errors import SteadError
 
 app = typer.Typer(
@@ -25,6 +38,8 @@ app.command("wait-sync")(status.wait_sync)
 app.command("check")(check.check)
 app.command("filters")(filters.filters)
 app.command("inventory")(inventory.inventory)
+app.command("drift")(drift.drift)
+app.command("patch")(patch.patch)
 app.command("switchover")(roles.switchover)
 app.command("failover")(roles.failover)
 app.command("maintenance")(roles.maintenance)

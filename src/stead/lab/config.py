@@ -201,7 +201,16 @@ SYSTEM_PRESERVE = ["/etc/lab/node.conf"]
 LAB_DOMAIN = "lab.test"  # a reserved test domain: lab names never leak to real DNS
 
 
-def lab_settings(text: str, *, protect: str, timing: Timing = Timing()) -> str:
+def patch_connect(lab_dir: Path) -> list[str]:
+    """How `stead patch` on the host reaches a node: SSH from the client namespace (which
+    resolves the lab's names) with the lab's client key and known hosts."""
+    ssh_config = lab_dir / netns.CLIENT / "ssh_config"  # stead.lab.ssh.ClientFiles
+    return ["ip", "netns", "exec", netns.client_netns(), "ssh", "-F", str(ssh_config), "{fqdn}"]
+
+
+def lab_settings(
+    text: str, *, protect: str, timing: Timing = Timing(), connect: list[str] | None = None
+) -> str:
     """``stead init``'s ``cluster.toml`` with the lab's settings; refused if invalid."""
     doc = tomlkit.parse(text)
     failover = _table(doc, "failover")
@@ -240,6 +249,8 @@ def lab_settings(text: str, *, protect: str, timing: Timing = Timing()) -> str:
     system["trees"] = SYSTEM_TREES
     system["preserve"] = SYSTEM_PRESERVE
     system["packages"] = "dpkg"
+    if connect is not None:
+        _table(doc, "patch")["connect"] = connect
     result = tomlkit.dumps(doc)
     try:
         ClusterConfig.model_validate(tomllib.loads(result))
@@ -282,7 +293,10 @@ def write_cluster_config(
         _run_init(cluster_dir, nodes, active, protect)
         stamp.write_text(json.dumps(wanted, indent=2) + "\n")
     cluster_toml = lab_settings(
-        (cluster_dir / "cluster.toml").read_text(), protect=protect, timing=timing
+        (cluster_dir / "cluster.toml").read_text(),
+        protect=protect,
+        timing=timing,
+        connect=patch_connect(lab_dir),
     )
     changed = set()
     for name, paths in node_paths.items():
