@@ -275,6 +275,20 @@ async def test_a_stopped_server_is_a_clear_error(named: Named, make: Make, tmp_p
     assert not await ours.holds()
 
 
+async def test_a_release_the_server_cannot_take_never_holds_up_a_demotion(
+    named: Named, make: Make, tmp_path: Path, section: DnsSection, silent_server: int
+) -> None:
+    """DNS advertises, it does not fence: the release returns, and a later one cleans up."""
+    await make().take()
+    mute = section.model_copy(update={"port": silent_server, "timeout": 0.3})
+    await make(dns=mute).release()  # no error: the node demotes at once
+    assert (tmp_path / "identity-dns-ours.json").exists()  # what is still published
+    assert _published(named)[0] == {"198.51.100.10"}
+    await make().release()  # the server answers again
+    assert _published(named) == (set(), set())
+    assert not (tmp_path / "identity-dns-ours.json").exists()
+
+
 @pytest.fixture
 def silent_server() -> Iterator[int]:
     """A TCP port that accepts connections (in the kernel's backlog) and never answers."""

@@ -383,7 +383,14 @@ class DnsIdentity(BlockingIdentity):
 
     def _release(self) -> None:
         with self._lock:
-            self._release_locked()
+            try:
+                self._release_locked()
+            except IdentityError as exc:
+                # DNS advertises the active; it does not fence it. A demotion must not wait
+                # for a server it cannot reach: the records stay in the state file, the next
+                # release (or the agent's next start) deletes them if they are still ours,
+                # and the next active's take replaces them anyway.
+                log.error("DNS release of %s left for later: %s", self.name, _text(exc))
 
     def _release_locked(self) -> None:
         state = self._state.load()
