@@ -9,22 +9,14 @@ loop, never a bare sleep), and stops it with SIGTERM, then SIGKILL. Debian packa
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
-import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
 
-import dns.exception
-import dns.flags
-import dns.message
-import dns.name
-import dns.query
-import dns.rcode
-import dns.rdataclass
-import dns.rdatatype
+# The configuration and zone texts are the lab's (its named serves lab.test the same way).
+from stead.lab.dns import answers_soa, key_clause, lookup, named_binary, named_conf_text, zone_text
 
 ADDRESS = "127.0.0.1"
 ZONE = "lab.test."
@@ -33,47 +25,6 @@ KEY_ALGORITHM = "hmac-sha256"
 OTHER_KEY_NAME = "other-key."  # known to the server, but not allowed to update the zone
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 5.0
-
-ZONE_FILE = """\
-$TTL 300
-@       IN SOA  ns.{zone} hostmaster.{zone} 1 3600 600 86400 60
-@       IN NS   ns.{zone}
-ns      IN A    {address}
-"""
-
-CONFIG = """\
-options {{
-    directory "{dir}";
-    pid-file "{dir}/named.pid";
-    session-keyfile "{dir}/session.key";
-    managed-keys-directory "{dir}";
-    listen-on port {port} {{ {address}; }};
-    listen-on-v6 {{ none; }};
-    recursion no;
-    notify no;
-    dnssec-validation no;
-    allow-query {{ any; }};
-    allow-transfer {{ none; }};
-}};
-controls {{ }};
-key "{key_name}" {{
-    algorithm {key_algorithm};
-    secret "{secret}";
-}};
-key "{other_key_name}" {{
-    algorithm {key_algorithm};
-    secret "{other_secret}";
-}};
-zone "{zone}" {{
-    type primary;
-    file "{dir}/zone.db";
-    allow-update {{ key "{key_name}"; }};
-}};
-"""
-
-
-def named_binary() -> str | None:
-    return shutil.which("named") or shutil.which("named", path="/usr/sbin:/sbin")
 
 
 def new_secret() -> str:
@@ -124,21 +75,20 @@ class Named:
             raise RuntimeError("named is not installed: apt-get install bind9 (make sysdeps)")
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port(self.address)
-        (self.directory / "zone.db").write_text(
-            ZONE_FILE.format(zone=ZONE, address=self.address), encoding="utf-8"
-        )
+        zone_file = self.directory / "zone.db"
+        zone_file.write_text(zone_text(ZONE, self.address), encoding="utf-8")
         config = self.directory / "named.conf"
+        keys = key_clause(KEY_NAME, self.secret, KEY_ALGORITHM)
+        keys += key_clause(OTHER_KEY_NAME, self.other_secret, KEY_ALGORITHM)
         config.write_text(
-            CONFIG.format(
-                dir=self.directory,
-                port=self.port,
+            named_conf_text(
+                directory=self.directory,
                 address=self.address,
-                key_name=KEY_NAME,
-                key_algorithm=KEY_ALGORITHM,
-                secret=self.secret,
-                other_key_name=OTHER_KEY_NAME,
-                other_secret=self.other_secret,
+                port=self.port,
                 zone=ZONE,
+                zone_file=zone_file,
+                update_key=KEY_NAME,
+                keys=keys,
             ),
             encoding="utf-8",
         )
@@ -158,12 +108,8 @@ class Named:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"named exited at start:\n{self.log_text()}")
-            query = dns.message.make_query(ZONE, dns.rdatatype.SOA)
-            query.flags &= ~dns.flags.RD
-            with contextlib.suppress(dns.exception.DNSException, OSError):
-                answer = dns.query.udp(query, self.address, timeout=0.2, port=self.port)
-                if answer.rcode() == dns.rcode.NOERROR and answer.answer:
-                    return
+            if answers_soa(self.address, self.port, ZONE):
+                return
             time.sleep(0.05)  # between two probes: the wait itself is bounded above
         raise RuntimeError(f"named did not answer within {START_TIMEOUT} s:\n{self.log_text()}")
 
@@ -192,13 +138,4 @@ class Named:
 
     def lookup(self, name: str, rdtype: str = "A") -> set[str]:
         """What the server answers for ``name`` (unsigned query, no recursion)."""
-        query = dns.message.make_query(name, rdtype)
-        query.flags &= ~dns.flags.RD
-        answer = dns.query.tcp(query, self.address, timeout=2.0, port=self.port)
-        found = answer.get_rrset(
-            answer.answer,
-            dns.name.from_text(name),
-            dns.rdataclass.IN,
-            dns.rdatatype.from_text(rdtype),
-        )
-        return {item.to_text() for item in found} if found is not None else set()
+        return lookup(name, rdtype, address=self.address, port=self.port)

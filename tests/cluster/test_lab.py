@@ -17,6 +17,7 @@ import pytest
 from stead.config.load import load, load_cluster
 from stead.errors import LabError
 from stead.lab import Lab, netns, procs, ssh
+from stead.lab import dns as labdns
 from stead.lab.config import Timing, lab_settings
 from stead.lab.nodes import node_names, parse_size
 
@@ -66,6 +67,8 @@ def leftovers(lab_dir: Path) -> dict[str, Any]:
         "holders": procs.holder_processes(),
         "sshd": ssh.sshd_processes(),
         "client_hosts": ssh.client_hosts_file().exists(),
+        "named": labdns.named_processes(),
+        "client_resolver": [str(p) for p in labdns.client_resolver_files().values() if p.exists()],
         "mount_points": [p for p in ("/opt/lab", "/etc/lab") if Path(p).exists()],
     }
 
@@ -83,6 +86,8 @@ NOTHING: dict[str, Any] = {
     "holders": [],
     "sshd": [],
     "client_hosts": False,
+    "named": [],
+    "client_resolver": [],
     "mount_points": [],
 }
 
@@ -167,14 +172,13 @@ def test_lab_settings_make_a_cluster_configuration_the_schema_accepts(tmp_path: 
         lab_settings(text, protect="/srv/lab", timing=Timing(heartbeat=-1))
 
 
-def test_the_client_resolves_management_and_public_names() -> None:
+def test_the_client_resolves_management_names_by_file_and_the_public_name_by_dns() -> None:
     text = ssh.hosts_text({"primary": "198.19.0.11", "node4": "198.19.0.14"})
     assert text.splitlines() == [
         "127.0.0.1\tlocalhost",
         "198.19.0.11\tprimary.lab.test primary PRIMARY",
         "198.19.0.14\tnode4.lab.test node4 NODE4",
-        "198.19.0.100\tlabsvc.lab.test labsvc",
-    ]
+    ]  # labsvc.lab.test: from the lab's DNS server only
     assert ssh.client_hosts_file() == Path("/etc/netns/stead-client/hosts")
 
 
@@ -505,9 +509,10 @@ def test_down_leaves_nothing_behind(lab: Any) -> None:
     pids = [p for n in nodes for p in (n["holder_pid"], n["agent_pid"], n["sshd_pid"])]
     assert all(n["sshd_alive"] for n in nodes)
     assert ssh.client_hosts_file().exists()
+    assert labdns.named_processes(str(built.dir)) == [built.status()["dns"]["pid"]]
     links = netns.list_lab_links()
-    assert {"stead-pub0", "stv-client", "stv-p-primary", "stv-p-tertiary"} <= set(links)
-    assert "stead-client" in netns.list_netns()
+    assert {"stead-pub0", "stv-client", "stv-dns", "stv-p-primary"} <= set(links)
+    assert {"stead-client", "stead-dns"} <= set(netns.list_netns())
     client = built.popen("client", ["sleep", "infinity"])  # something running in the client
     built.down()
     assert client.wait(timeout=10) == -signal.SIGKILL
@@ -530,11 +535,14 @@ def test_down_all_cleans_up_after_a_crash(lab: Any) -> None:
         n["sshd_pid"] for n in nodes.values()
     )
     assert ssh.sshd_processes(str(built.dir / "other")) == []
+    named = labdns.named_processes(str(built.dir))  # so is the lab's DNS server
+    assert len(named) == 1 and labdns.named_processes(str(built.dir / "other")) == []
     cli = [sys.executable, "-m", "stead", "lab", "down", "--all"]
     subprocess.run(cli, check=True, capture_output=True, env=dict(os.environ, STEAD_LAB_DIR="/x"))
     assert leftovers(built.dir) == NOTHING
     assert not any(running(n["agent_pid"]) for n in nodes.values())
     assert not any(running(n["sshd_pid"]) for n in nodes.values())
+    assert not running(named[0])
 
 
 @pytest.mark.root
@@ -570,6 +578,12 @@ def test_cli_exec_passes_stdin_stdout_and_exit_code(lab: Any) -> None:
         "veth": "stv-client",
         "present": True,
     }
+    assert (data["dns"]["address"], data["dns"]["port"], data["dns"]["zone"]) == (
+        "198.19.0.3",
+        53,
+        "lab.test",
+    )
+    assert data["dns"]["alive"] and data["dns"]["key_file"] == f"{built.dir}/dns/stead-lab.key"
     for index, (name, node) in enumerate(data["nodes"].items()):
         assert node["channel_address"] == f"198.18.0.{11 + index}"
         assert node["public_address"] == f"198.19.0.{11 + index}"

@@ -2,9 +2,9 @@
 
 Order matters: first the processes (they keep mount namespaces, and with them the loop
 mounts, alive), then the network namespaces (their veth pairs go with them; the client's
-too), then the loop devices (normally gone by then: ``mount -o loop`` sets them to clear
-themselves), last the two bridges. Leftovers are found by naming convention, not from the
-state file, which a crash may have left stale.
+and the DNS server's too), then the loop devices (normally gone by then: ``mount -o loop``
+sets them to clear themselves), last the two bridges. Leftovers are found by naming
+convention, not from the state file, which a crash may have left stale.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from stead.errors import LabError
+from stead.lab import dns as labdns
 from stead.lab import netns, procs, ssh
 from stead.lab.holder import SYSTEM_BINDS
 
@@ -89,13 +90,21 @@ def _remove_veths(veths: Iterable[str]) -> None:
 
 def teardown_client() -> None:
     """Remove the client namespace, with whatever still runs in it."""
-    ns = netns.client_netns()
+    _teardown_public_host(netns.client_netns(), netns.client_veth())
+
+
+def teardown_dns() -> None:
+    """Remove the DNS server's namespace, with named (and whatever else runs in it)."""
+    _teardown_public_host(netns.dns_netns(), netns.dns_veth())
+
+
+def _teardown_public_host(ns: str, veth: str) -> None:
     net = netns.netns_inode(ns)
     if net is not None:
         victims = procs.processes_in_namespaces({net}, set())
         if victims:
             procs.kill_pids(victims)
-    _remove_veths([netns.client_veth()])
+    _remove_veths([veth])
     netns.remove_node_network(ns)
 
 
@@ -118,8 +127,8 @@ def sweep_all() -> list[str]:
     net = {i for i in (netns.netns_inode(n) for n in names) if i is not None}
     holders = procs.holder_processes()
     mnt = {i for i in (procs.ns_inode(p, "mnt") for p in holders) if i is not None}
-    # sshd by its configuration too: it outlives a namespace deleted under it.
-    own = set(holders) | set(ssh.sshd_processes())
+    # sshd and named by their configuration too: they outlive a namespace deleted under them.
+    own = set(holders) | set(ssh.sshd_processes()) | set(labdns.named_processes())
     victims = sorted(set(procs.processes_in_namespaces(net, mnt)) | own)
     if victims:
         procs.kill_pids(victims)
@@ -139,6 +148,7 @@ def sweep_all() -> list[str]:
         if netns.link_exists(bridge):
             netns.remove_bridge(bridge)
             removed.append(f"bridge {bridge}")
+    removed += labdns.remove_client_resolver()
     if ssh.client_hosts_file().exists():
         ssh.remove_client_hosts()
         removed.append(f"file {ssh.client_hosts_file()}")

@@ -7,9 +7,10 @@ the host disk so that the host can reach them.
 
 Each node's ``cluster.toml`` is ``stead init``'s, which stays untouched in ``DIR/cluster``,
 plus the lab's settings (``lab_settings``): the public network's gateway as the failover
-witness, the service address on ``pub0``, the demo service with its health check, and the
-timing given to ``stead lab up``. The result is validated against the schema before it is
-written, so a lab never starts agents on a configuration ``stead config check`` refuses.
+witness, the service address on ``pub0``, the public name published by DNS to the lab's
+server (``stead.lab.dns``), the demo service with its health check, and the timing given to
+``stead lab up``. The result is validated against the schema before it is written, so a
+lab never starts agents on a configuration ``stead config check`` refuses.
 
 ``STEAD_LAB_SKIP_INIT=1`` skips ``stead init`` (the directories are still made), for tests of
 the lab itself.
@@ -23,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,9 +211,18 @@ def patch_connect(lab_dir: Path) -> list[str]:
 
 
 def lab_settings(
-    text: str, *, protect: str, timing: Timing = Timing(), connect: list[str] | None = None
+    text: str,
+    *,
+    protect: str,
+    timing: Timing = Timing(),
+    connect: list[str] | None = None,
+    dns: Mapping[str, Any] | None = None,
 ) -> str:
-    """``stead init``'s ``cluster.toml`` with the lab's settings; refused if invalid."""
+    """``stead init``'s ``cluster.toml`` with the lab's settings; refused if invalid.
+
+    ``dns`` is the ``public.dns`` table (``stead.lab.dns.cluster_settings``); with it, each
+    node publishes its own public-network address under the public name when active.
+    """
     doc = tomlkit.parse(text)
     failover = _table(doc, "failover")
     failover["witnesses"] = [netns.PUB_GATEWAY]
@@ -231,6 +242,10 @@ def lab_settings(
     public["service_port"] = DEMO_PORT
     public["fqdn"] = f"{PUBLIC_HOSTNAME}.{LAB_DOMAIN}"
     public["short_name"] = PUBLIC_HOSTNAME.upper()
+    if dns is not None:
+        table = tomlkit.inline_table()
+        table.update(dict(dns))
+        public["dns"] = table
     for index, node in enumerate(doc.get("nodes", [])):
         # Each node's own identity while passive: its name, on its public-network address.
         management = tomlkit.inline_table()
@@ -244,6 +259,11 @@ def lab_settings(
             }
         )
         node["management"] = management
+        if dns is not None:
+            # DNS names the active by an address of its own, which must differ between
+            # nodes: its public-network address (also its management address). The service
+            # address moves too (Linux backend), so clients by address and by name both work.
+            node["public_addresses"] = [netns.node_public_address(index)]
     doc["services"] = tomlkit.item([demo_service(protect)])  # an array of tables
     system = _table(doc, "system")
     system["trees"] = SYSTEM_TREES
@@ -273,6 +293,7 @@ def write_cluster_config(
     protect: str,
     skip: bool | None = None,
     timing: Timing = Timing(),
+    dns: Mapping[str, Any] | None = None,
 ) -> set[str]:
     """Create the cluster configuration and every node's configuration directory.
 
@@ -297,6 +318,7 @@ def write_cluster_config(
         protect=protect,
         timing=timing,
         connect=patch_connect(lab_dir),
+        dns=dns,
     )
     changed = set()
     for name, paths in node_paths.items():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -46,10 +47,21 @@ def _seed_system(mount: Path, node: str) -> None:
     (mount / "etc" / "app.conf").write_text("[app]\nlisten = 8080\n")
     (mount / "etc" / "node.conf").write_text(f"node = {node}\n")
     if os.path.isdir("/var/lib/dpkg"):
-        subprocess.run(["cp", "-a", "/var/lib/dpkg/.", str(mount / "dpkg")], check=True)
+        _copy_live_tree("/var/lib/dpkg", mount / "dpkg")
     else:
         (mount / "dpkg").mkdir(exist_ok=True)
     _write_atomic(mount / ".seeded", "1\n")
+
+
+def _copy_live_tree(source: str, target: Path) -> None:
+    """Copy a directory that may change meanwhile (apt running on the host): a file that
+    vanishes between listing and copying is left out, any other failure is raised."""
+    try:
+        shutil.copytree(source, target, symlinks=True, dirs_exist_ok=True)
+    except shutil.Error as exc:
+        real = [e for e in exc.args[0] if "No such file" not in str(e[2])]
+        if real:
+            raise OSError(f"copying {source}: {real[:3]}") from None
 
 
 def _mount_system(image: str, mount: Path, node: str) -> None:

@@ -4,7 +4,8 @@ Two networks, as on real hosts: the channel network (bridge ``stead-br0``, 198.1
 which carries the agents' channels, and the public network (bridge ``stead-pub0``,
 198.19.0.0/24), where clients reach the service address and the host's bridge address is the
 gateway (the failover witness). Each node has ``eth0`` on the first and ``pub0`` on the
-second; a client namespace has one link, on the public network only.
+second; a client namespace, and the lab's DNS server's (``stead-dns``, 198.19.0.3), have one
+link each, on the public network only.
 
 Every name here follows a convention (netns ``stead-<node>``, host-side veths ``stv-<node>``
 and ``stv-p-<node>``, bridges ``stead-br0`` and ``stead-pub0``), so that a crashed run can be
@@ -48,6 +49,9 @@ SERVICE_ADDRESS = "198.19.0.100"
 CLIENT = "client"
 CLIENT_ADDRESS = "198.19.0.2"
 CLIENT_IFNAME = "eth0"
+# The lab's DNS server (``stead.lab.dns``): a namespace of its own on the public network.
+DNS = "dns"
+DNS_ADDRESS = "198.19.0.3"
 
 BRIDGES = (BRIDGE, PUB_BRIDGE)
 
@@ -95,6 +99,14 @@ def client_netns() -> str:
 
 def client_veth() -> str:
     return f"{VETH_PREFIX}{CLIENT}"
+
+
+def dns_netns() -> str:
+    return netns_name(DNS)
+
+
+def dns_veth() -> str:
+    return f"{VETH_PREFIX}{DNS}"
 
 
 def run(argv: Sequence[str], *, check: bool = True, input: str | None = None) -> str:
@@ -260,30 +272,33 @@ def remove_node_network(ns: str) -> None:
         run(["ip", "netns", "del", ns], check=False)
 
 
+def create_public_host(ns: str, veth: str, address: str) -> None:
+    """A namespace with one link (``eth0``), on the public bridge only (no route elsewhere)."""
+    if not netns_exists(ns):
+        run(["ip", "netns", "add", ns])
+    _add_veth(ns, veth, CLIENT_IFNAME, PUB_BRIDGE)
+    in_ns = ["ip", "-n", ns]
+    run([*in_ns, "addr", "replace", f"{address}/{PREFIX_LEN}", "dev", CLIENT_IFNAME])
+    run([*in_ns, "link", "set", "lo", "up"])
+    run([*in_ns, "link", "set", CLIENT_IFNAME, "up"])
+
+
+def public_host_ok(ns: str, veth: str, address: str) -> bool:
+    return netns_exists(ns) and link_exists(veth) and _has_address(ns, CLIENT_IFNAME, address)
+
+
 def create_client_network() -> None:
     """The client namespace: one link, on the public bridge only (no route elsewhere).
 
     It accepts gratuitous ARP for addresses it has not seen yet (``arp_accept``), as a
     client on a real segment does, so that it follows the service address at once.
     """
-    ns = client_netns()
-    if not netns_exists(ns):
-        run(["ip", "netns", "add", ns])
-    _add_veth(ns, client_veth(), CLIENT_IFNAME, PUB_BRIDGE)
-    _sysctl_in(ns, {f"net/ipv4/conf/{CLIENT_IFNAME}/arp_accept": "1"})
-    in_ns = ["ip", "-n", ns]
-    run([*in_ns, "addr", "replace", f"{CLIENT_ADDRESS}/{PREFIX_LEN}", "dev", CLIENT_IFNAME])
-    run([*in_ns, "link", "set", "lo", "up"])
-    run([*in_ns, "link", "set", CLIENT_IFNAME, "up"])
+    create_public_host(client_netns(), client_veth(), CLIENT_ADDRESS)
+    _sysctl_in(client_netns(), {f"net/ipv4/conf/{CLIENT_IFNAME}/arp_accept": "1"})
 
 
 def client_network_ok() -> bool:
-    ns = client_netns()
-    return (
-        netns_exists(ns)
-        and link_exists(client_veth())
-        and _has_address(ns, CLIENT_IFNAME, CLIENT_ADDRESS)
-    )
+    return public_host_ok(client_netns(), client_veth(), CLIENT_ADDRESS)
 
 
 def set_link(name: str, up: bool) -> None:

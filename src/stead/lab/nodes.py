@@ -6,7 +6,8 @@ namespace where the protected path ``/srv/lab`` is the node's own ext4 file syst
 image, loop-mounted). A client namespace sits on the public network only. A holder process
 keeps a node's namespaces alive (see ``stead.lab.holder``); the node's agent and every
 command for the node enter them with ``nsenter -t HOLDER -m -u -n``; so does its management
-SSH server (see ``stead.lab.ssh``), in a session of its own. Configuration, state
+SSH server (see ``stead.lab.ssh``), in a session of its own. The lab's DNS server, authoritative
+for ``lab.test``, has a namespace of its own (see ``stead.lab.dns``). Configuration, state
 and the agent's API socket stay on the host disk under ``DIR/<node>``, so the host reaches
 them directly.
 
@@ -31,6 +32,7 @@ from typing import Any, Literal
 
 from stead.errors import LabError
 from stead.lab import cleanup, netns, procs, ssh, state
+from stead.lab import dns as labdns
 from stead.lab.config import NodePaths, Timing, write_cluster_config
 from stead.lab.disk import FILL_FILE, FILL_SCRIPT, make_image, parse_size
 from stead.lab.state import LabState, NodeState
@@ -45,7 +47,6 @@ WAIT_READY_ENV = "STEAD_LAB_WAIT_READY"
 PROTECT = "/srv/lab"
 FIRST_NAMES = ("primary", "secondary", "tertiary")
 HOLDER_TIMEOUT = 15.0
-SYSTEM_IMAGE_SIZE = 256 * 1024**2  # sparse: the seeded trees and a dpkg database take ~40 MB
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 NETWORKS = ("channel", "public")
@@ -228,6 +229,7 @@ class Lab:
                 protect=current.protect,
                 skip=self._skip_init,
                 timing=Timing(current.heartbeat, current.failover_timeout),
+                dns=labdns.cluster_settings(self.dir),
             )
             for extra in extras:
                 self._teardown(extra)
@@ -236,6 +238,12 @@ class Lab:
             if not netns.client_network_ok():
                 cleanup.teardown_client()
                 netns.create_client_network()
+            # Before any agent: each registers its management name once, when it starts.
+            if not labdns.server_ok(self.dir):
+                labdns.stop_server(self.dir)
+                cleanup.teardown_dns()
+                labdns.start_server(self.dir)
+            labdns.write_client_resolver()
             client = ssh.prepare_client(self.dir)
             for name in names:
                 node = current.nodes[name]
@@ -273,10 +281,14 @@ class Lab:
             nodes = list(current.nodes.values()) if current else []
             for node in nodes:
                 self._teardown(node)
+            labdns.stop_server(self.dir)
             stray = procs.holder_processes(str(self.dir)) + ssh.sshd_processes(str(self.dir))
+            stray += labdns.named_processes(str(self.dir))
             if stray:
                 procs.kill_pids(stray)
             cleanup.teardown_client()
+            cleanup.teardown_dns()
+            labdns.remove_client_resolver()
             ssh.remove_client_hosts()
             if not [link for link in netns.list_lab_links() if link not in netns.BRIDGES]:
                 netns.remove_bridges()
@@ -314,7 +326,7 @@ class Lab:
         if not paths.image.exists():
             make_image(paths.image, parse_size(current.disk_size), node.name)
         if not paths.system_image.exists():
-            make_image(paths.system_image, SYSTEM_IMAGE_SIZE, f"sys-{node.name}")
+            make_image(paths.system_image, parse_size(current.disk_size), f"sys-{node.name}")
         netns.create_node_network(node.name, node.index, node.address, node.public_address)
         node.set_holder(self._start_holder(node, paths))
 
@@ -504,7 +516,8 @@ class Lab:
 
     def ssh_command(self, host: str, command: Sequence[str] = ()) -> list[str]:
         """``ssh root@HOST COMMAND`` from the client namespace, where HOST resolves through
-        the hosts file the lab manages (management names, public names)."""
+        the hosts file the lab manages (management names) and the lab's DNS server (public
+        names)."""
         return self.command(netns.CLIENT, ssh.ssh_argv(ssh.ClientFiles(self.dir), host, [*command]))
 
     def ssh(

@@ -7,10 +7,11 @@ which only the active holds, so that the public name logs in to the active. Ever
 its own host key, generated once into ``DIR/<node>/ssh``; the lab's client key pair lives in
 ``DIR/client`` and is authorised for root through a lab-specific ``AuthorizedKeysFile``.
 
-The client namespace resolves names through ``/etc/netns/stead-client/hosts``, which
-``ip netns exec`` binds over ``/etc/hosts``: every node's management names on its address,
-and the public names on the service address. ``DIR/client/ssh_config`` pins host keys: the
-lab wrote them, so a client never has to trust a key on first use.
+The client namespace resolves every node's management names through
+``/etc/netns/stead-client/hosts``, which ``ip netns exec`` binds over ``/etc/hosts`` (the lab
+knows them without any agent), and the public names through the lab's DNS server
+(``stead.lab.dns``), where the active agent publishes them. ``DIR/client/ssh_config`` pins
+host keys: the lab wrote them, so a client never has to trust a key on first use.
 
 Timing duties: ``prepare_node`` and ``prepare_client`` only write files (keys once, the rest
 on every ``up``, each written atomically); the caller starts sshd and waits for its pid file,
@@ -50,10 +51,11 @@ def public_names() -> list[str]:
 
 
 def hosts_text(addresses: Mapping[str, str]) -> str:
-    """The client's ``/etc/hosts``: ``addresses`` maps node names to management addresses."""
+    """The client's ``/etc/hosts``: ``addresses`` maps node names to management addresses.
+
+    Not the public names: they come from DNS, and follow the active there."""
     lines = ["127.0.0.1\tlocalhost"]
     lines += [f"{address}\t{' '.join(management_names(n))}" for n, address in addresses.items()]
-    lines.append(f"{netns.SERVICE_ADDRESS}\t{' '.join(public_names())}")
     return "".join(line + "\n" for line in lines)
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from stead.lab import dns as labdns
 from stead.lab import netns, ssh
 from stead.lab.config import DEMO_PORT, PUBLIC_HOSTNAME, NodePaths
 from stead.lab.state import LabState, NodeState
@@ -52,6 +53,7 @@ def describe(
         },
         "ssh_config": str(ssh.ClientFiles(lab_dir).ssh_config),
         "client_hosts_file": str(ssh.client_hosts_file()),
+        "dns": labdns.describe(lab_dir),
         "active": current.active if current else None,
         "protect": protect,
         "nodes": {},
