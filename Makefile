@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-APT_PACKAGES := iproute2 nftables rsync e2fsprogs util-linux procps psmisc kmod curl bind9 openssh-server openssh-client
+APT_PACKAGES := iproute2 nftables rsync e2fsprogs util-linux procps psmisc kmod curl bind9 openssh-server openssh-client libvirt-clients libvirt-dev pkg-config gcc python3-dev
 
 .PHONY: all env sysdeps demo test test-fast lint bench clean lab-down
 

@@ -44,6 +44,12 @@ class UsageError(SteadError):
     exit_code = 11
 
 
+class NotFound(UsageError):
+    """Not found: {message}"""
+
+    exit_code = 12
+
+
 class ProtocolError(SteadError):
     """Protocol error from peer: {message}"""
 
@@ -146,6 +152,23 @@ class ServiceError(SteadError):
         self.returncode = returncode
         self.output = output
         super().__init__(message, service=service)
+
+
+class PatchError(SteadError):
+    """Patch stopped at {node}: {step}: {message}"""
+
+    exit_code = 90
+
+    def __init__(self, message: str, *, node: str, step: str) -> None:
+        self.node = node
+        self.step = step
+        super().__init__(message, node=node, step=step)
+
+
+class RecloneError(SteadError):
+    """Reclone error: {message}"""
+
+    exit_code = 100
 
 
 def all_errors() -> list[type[SteadError]]:

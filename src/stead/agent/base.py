@@ -137,6 +137,9 @@ class AgentBase:
     async def _campaign(self, epoch: int) -> None:
         raise NotImplementedError
 
+    async def answer_reclone(self, peer: str, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
     async def _answer_vote(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 

@@ -18,6 +18,7 @@ from typing import Any
 from stead.agent.conversations import Conversations
 from stead.agent.jobs import JobTable
 from stead.agent.progress import AppendLog
+from stead.agent.reclones import Reclones
 from stead.agent.requests import OperatorRequests
 from stead.agent.roles import JOURNAL_RESTART_KEY, RoleChanges
 from stead.agent.switchover import Procedures
@@ -48,7 +49,7 @@ from stead.store.db import StateStore
 log = logging.getLogger(__name__)
 
 
-class Agent(OperatorRequests, RoleChanges, Conversations, Procedures):
+class Agent(OperatorRequests, RoleChanges, Conversations, Procedures, Reclones):
     def __init__(self, loaded: Loaded) -> None:
         self.loaded = loaded
         self.cluster = loaded.cluster
@@ -91,6 +92,7 @@ class Agent(OperatorRequests, RoleChanges, Conversations, Procedures):
         self._runtime_ready = asyncio.Event()
         self._switch_waiters: list[asyncio.Future[None]] = []
         self.init_roles()
+        self.init_reclones()
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -104,6 +106,7 @@ class Agent(OperatorRequests, RoleChanges, Conversations, Procedures):
         self.server_ssl = transport.server_context(ca, cert, key, revoked)
         self.client_ssl = transport.client_context(ca, cert, key, revoked)
         self.store.event("start", f"agent started as {self.role} (epoch {self.epoch})")
+        self.recover_reclone()
         log.info("%s starting as %s, epoch %d", self.me, self.role, self.epoch)
         try:
             async with asyncio.TaskGroup() as tasks:
@@ -114,6 +117,7 @@ class Agent(OperatorRequests, RoleChanges, Conversations, Procedures):
                 servers = await self._listen()
                 api = await serve_unix(self, self.loaded.api_socket)
                 self.start_cycle(tasks)
+                self.start_scheduler(tasks)
                 try:
                     await self._stop.wait()
                 finally:
@@ -220,6 +224,9 @@ class Agent(OperatorRequests, RoleChanges, Conversations, Procedures):
             raise ProtocolError(f"expected hello, got {type(hello).__name__}")
         if hello.purpose == "heartbeat":
             await self.membership.serve(conn, hello)
+            return
+        if hello.purpose == "reclone":
+            await self.serve_reclone(conn, hello)
             return
         receiver = self.receiver
         if receiver is None or self.role != "passive":

@@ -57,5 +57,8 @@ class JobTable:
             del self._jobs[job_id]  # oldest finished first; a running job is never forgotten
         return job
 
+    def running(self) -> list[Job]:
+        return [job for job in self._jobs.values() if job.state == "running"]
+
     def get(self, job_id: int) -> Job | None:
         return self._jobs.get(job_id)

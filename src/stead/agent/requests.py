@@ -14,6 +14,9 @@ from stead.agent.base import AgentBase
 from stead.agent.jobs import Job
 from stead.errors import SteadError, TimeoutExpired, UsageError
 from stead.replication import check
+from stead.system.drift import run_drift
+from stead.system.manifest import Scope
+from stead.system.snapshot import SNAPSHOT_REQUEST, Ask, Snapshot, take_snapshot
 
 CHECK_APPLY_TIMEOUT = 3600.0  # seconds a passive may take to apply a check's repairs
 
@@ -55,6 +58,40 @@ class OperatorRequests(AgentBase):
                 raise TimeoutExpired(f"{name} {why}; journal head {head}, waited {timeout} s")
             result["nodes"][name] = state.applied
         return result
+
+    async def drift(self, *, node: str | None, trees: bool, packages: bool) -> dict[str, Any]:
+        """Compare this active's system trees and packages with each passive's (stead drift)."""
+        if self.role != "active":
+            raise UsageError(f"{self.me} is passive; ask the active node")
+        passives = [peer.name for peer in self.cluster.peers(self.me)]
+        if node is not None and node not in passives:
+            known = ", ".join(passives)
+            raise UsageError(f"{node!r} is not a passive of this cluster (passives: {known})")
+        system = self.cluster.system
+
+        async def local(trees: bool, packages: bool) -> Snapshot:
+            scope = Scope.from_config(self.cluster)
+            return await asyncio.to_thread(
+                take_snapshot, self.me, scope, system.packages, trees=trees, packages=packages
+            )
+
+        def ask(name: str) -> Ask:
+            return lambda body, timeout: self.membership.request(
+                name, SNAPSHOT_REQUEST, body, timeout
+            )
+
+        def connected(name: str) -> bool:
+            return "up" in self.membership.peers[name].links.values()
+
+        return await run_drift(
+            active=self.me,
+            passives=[node] if node else passives,
+            local=local,
+            ask=ask,
+            connected=connected,
+            trees=trees,
+            packages=packages,
+        )
 
     def start_check(self, *, node: str | None, fast: bool) -> Job:
         if self.role != "active":

@@ -39,6 +39,8 @@ from stead.replication.receiver import (
     WROTE_KEY,
 )
 from stead.services.manager import ServiceManager
+from stead.system.manifest import Scope
+from stead.system.snapshot import SNAPSHOT_REQUEST, SnapshotPages
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,9 @@ class RoleChanges(AgentBase):
             self.cluster.failover.witnesses, self.cluster.channel.heartbeat
         )
         self._monitor: asyncio.Task[None] | None = None
+        self.system_pages = SnapshotPages(
+            self.me, Scope.from_config(self.cluster), self.cluster.system.packages
+        )
 
     # ---- positions ---------------------------------------------------------------------
 
@@ -225,6 +230,10 @@ class RoleChanges(AgentBase):
             return await self._answer_vote(peer, body)
         if kind == "handover":
             return await self._accept_handover(peer, body)
+        if kind.startswith("reclone-"):
+            return await self.answer_reclone(peer, kind, body)
+        if kind == SNAPSHOT_REQUEST:  # stead drift: this node's packages and system trees
+            return await self.system_pages.answer(body)
         raise UsageError(f"unknown request {kind!r}")
 
     # ---- observation and decision --------------------------------------------------------

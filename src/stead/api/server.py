@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from stead.api import reclone
 from stead.errors import SteadError
+from stead.reclone import schedule_api
 
 if TYPE_CHECKING:
     from stead.agent.daemon import Agent
@@ -111,6 +113,22 @@ async def start_check(request: web.Request) -> web.Response:
     return web.json_response(job.describe(), status=202)
 
 
+async def drift(request: web.Request) -> web.Response:
+    from stead.errors import UsageError
+
+    query = request.query
+    flags = {}
+    for key in ("trees", "packages"):
+        value = query.get(key, "true")
+        if value not in ("true", "false"):
+            raise UsageError(f"{key} must be true or false")
+        flags[key] = value == "true"
+    if not any(flags.values()):
+        raise UsageError("nothing to compare: trees and packages are both false")
+    result = await _agent(request).drift(node=query.get("node") or None, **flags)
+    return web.json_response(result)
+
+
 async def switchover(request: web.Request) -> web.Response:
     from stead.errors import UsageError
 
@@ -181,6 +199,9 @@ def build_app(agent: Agent) -> web.Application:
     app.router.add_post("/v1/failover", failover)
     app.router.add_post("/v1/maintenance", maintenance)
     app.router.add_get("/v1/quarantine", quarantine)
+    reclone.add_routes(app, _agent, _json_body)
+    schedule_api.add_routes(app, lambda: agent.scheduler)
+    app.router.add_get("/v1/drift", drift)
     return app
 
 

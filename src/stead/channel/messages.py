@@ -95,7 +95,8 @@ class Hello(Message):
     applied_seq: int
     persisted_seq: int
     journal_head: int
-    # "replication" (the active's stream to a passive) or "heartbeat" (membership link).
+    # "replication" (the active's stream to a passive), "heartbeat" (membership link) or
+    # "reclone" (a passive pulling the reclone scope from the active).
     purpose: str = "replication"
     # The epoch whose history the node's position (applied/persisted) belongs to; -1: the
     # same as ``epoch`` (older peers do not send it).
@@ -136,7 +137,7 @@ class Hello(Message):
         )
 
 
-PURPOSES = frozenset({"replication", "heartbeat"})
+PURPOSES = frozenset({"replication", "heartbeat", "reclone"})
 
 
 @register("records")

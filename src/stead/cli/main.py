@@ -17,7 +17,9 @@ from stead.cli import (
     inventory,
     lab,
     patch,
+    reclone,
     roles,
+    schedule,
     status,
 )
 from stead.errors import SteadError
@@ -40,6 +42,8 @@ app.command("filters")(filters.filters)
 app.command("inventory")(inventory.inventory)
 app.command("drift")(drift.drift)
 app.command("patch")(patch.patch)
+app.add_typer(reclone.app, name="reclone")
+app.add_typer(schedule.app, name="schedule")
 app.command("switchover")(roles.switchover)
 app.command("failover")(roles.failover)
 app.command("maintenance")(roles.maintenance)

@@ -1,11 +1,13 @@
-"""``make demo``: a three-node lab on this machine: replication, switchover and failover.
+"""``make demo``: a three-node lab: replication, switchover, failover and reclone.
 
 Builds (or reuses) the lab at the default directory, writes and changes files under the
 protected path on the active node, waits until both passives have applied everything, and
 shows the files on every node with the measured lag. Then a client on the public network
 writes to the demo service while the role is switched over to the secondary (planned, no
 data loss) and while the active node is killed (failover); it shows who answers and that
-every acknowledged write is still there. The lab is left running to explore.
+every acknowledged write is still there. Last, the active is "patched" (its system trees
+change) and the node that came back is recloned from it, keeping its own configuration.
+The lab is left running to explore.
 """
 
 from __future__ import annotations
@@ -152,6 +154,28 @@ def _switchover_and_failover(lab: Lab) -> None:
         console.print(f"  {line}", highlight=False)
 
 
+def _reclone(lab: Lab) -> None:
+    active = next(n["name"] for n in _status(lab)["nodes"] if n["role"] == "active")
+    _sh(
+        lab,
+        active,
+        "set -e; echo 2.0 > /opt/lab/app/VERSION; echo 'feature = on' > /etc/lab/feature.conf",
+    )
+    console.print(f"  {active} (active) now has app 2.0 and /etc/lab/feature.conf")
+    subprocess.run(
+        [sys.executable, "-m", "stead", "reclone", "secondary"],
+        env=lab.node_env(active),
+        check=True,
+    )
+    show = "cat /opt/lab/app/VERSION /etc/lab/node.conf; ls /etc/lab | tr '\\n' ' '"
+    for node in lab.nodes:
+        version, own, listing = _sh(lab, node, show).splitlines()
+        console.print(
+            f"  {node:<10} app {version}, {own!r} (its own), /etc/lab: {listing}",
+            highlight=False,
+        )
+
+
 def main() -> None:
     lab = Lab(default_dir())
     _step("1. a three-node lab: primary (active), secondary and tertiary (passive)")
@@ -207,6 +231,9 @@ def main() -> None:
     _step("5. switchover: the secondary takes over, planned, with the client writing")
     _switchover_and_failover(lab)
 
+    _step("8. reclone: patch the active's system trees, rebuild the secondary from them")
+    _reclone(lab)
+
     _step("the lab is still running: explore it")
     console.print(
         "  .venv/bin/stead status                      # the cluster, from the active\n"
@@ -218,6 +245,9 @@ def main() -> None:
         "  .venv/bin/stead lab partition secondary; .venv/bin/stead lab heal\n"
         "  .venv/bin/stead switchover --to primary     # planned role change, step by step\n"
         "  .venv/bin/stead lab kill tertiary; .venv/bin/stead lab start tertiary\n"
+        "  .venv/bin/stead drift                       # what differs outside the protected set\n"
+        "  .venv/bin/stead reclone tertiary --dry-run  # what a reclone would change\n"
+        "  .venv/bin/stead reclone history\n"
         "  .venv/bin/stead lab down                    # remove the lab"
     )
 

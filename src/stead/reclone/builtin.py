@@ -1,0 +1,229 @@
+"""The built-in clone provider: a passive rebuilds its system trees from the active's.
+
+The passive drives its own reclone (the active only serves bytes, see
+:mod:`stead.reclone.transfer`): it fetches the active's manifest, walks its own trees, plans
+(:mod:`stead.reclone.plan`), stages and verifies every new or changed file, and swaps
+(:mod:`stead.reclone.swap`). Until the swap the node is untouched and stays a usable passive;
+a failure or an interruption before it discards the staging, one during it is finished on
+the next start. The protected set is not copied here: replication keeps it identical, and
+the active follows every reclone with a full check of the node, whose repairs travel through
+the journal like every other change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stead.channel import messages as m
+from stead.channel.transport import Connection, connect
+from stead.config.schema import ClusterConfig, NodeSection
+from stead.config.system import PathSet
+from stead.errors import ChannelError, ProtocolError, RecloneError, SteadError
+from stead.reclone.plan import Item, Kind, Work, make_plan
+from stead.reclone.swap import AREA, Swapper
+from stead.reclone.transfer import REPLY_TIMEOUT, Fetcher, Source
+from stead.system.manifest import PathEntry, Scope, build_manifest
+
+log = logging.getLogger(__name__)
+
+_KINDS: dict[str, Kind] = {"file": "file", "dir": "dir", "symlink": "symlink"}
+
+
+def scope_of(cluster: ClusterConfig) -> Scope:
+    """The system trees of the reclone scope; the reclone areas are never part of them."""
+    scope = Scope.from_config(cluster)
+    return Scope(
+        trees=scope.trees,
+        exclude=(*scope.exclude, AREA),
+        preserve=scope.preserve,
+        skip=scope.skip,
+    )
+
+
+def _item(entry: PathEntry) -> Item | None:
+    try:
+        mtime = os.lstat(entry.path).st_mtime_ns
+    except OSError:
+        return None
+    return Item(
+        kind=_KINDS.get(entry.kind, "other"),
+        mode=entry.mode,
+        uid=entry.uid,
+        gid=entry.gid,
+        size=entry.size,
+        mtime_ns=mtime,
+        digest="" if entry.error else entry.digest.hex(),
+        target=entry.target,
+    )
+
+
+def collect(scope: Scope, *, serving: bool) -> dict[str, Item]:
+    """Items of every path of the trees (blocking). Serving (the active), a path it cannot
+    read is left out, so that it is neither copied nor deleted on the passive."""
+    manifest = build_manifest(scope)
+    items = {}
+    for path, entry in manifest.entries.items():
+        if serving and entry.error:
+            log.warning("reclone: %s left out: %s", path, entry.error)
+            continue
+        item = _item(entry)
+        if item is not None:
+            items[path] = item
+    return items
+
+
+def source_for(cluster: ClusterConfig) -> Source:
+    scope = scope_of(cluster)
+    return Source(lambda: collect(scope, serving=True))
+
+
+@dataclass
+class RunState:
+    """What ``reclone-status`` answers: the phase, progress and outcome of the last run."""
+
+    run: str = ""
+    phase: str = "idle"  # manifest, plan, copy, swap, done, failed
+    started: float = 0.0
+    finished: float = 0.0
+    summary: dict[str, int] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    error: str = ""
+    fetcher: Fetcher | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "run": self.run,
+            "phase": self.phase,
+            "started": self.started,
+            "finished": self.finished,
+            "summary": self.summary,
+            "skipped": self.skipped[:50],
+            "error": self.error,
+            "progress": self.fetcher.progress.describe() if self.fetcher else {},
+        }
+
+
+class Rebuilder:
+    """The passive's side of the built-in provider."""
+
+    def __init__(
+        self,
+        *,
+        me: str,
+        cluster: ClusterConfig,
+        state_dir: Path,
+        ssl_context: ssl.SSLContext,
+        hello: Callable[[], m.Hello],
+    ) -> None:
+        self.me = me
+        self.cluster = cluster
+        self.swapper = Swapper(state_dir / "reclone")
+        self.ssl_context = ssl_context
+        self.hello = hello
+        self.state = RunState()
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    def start(self, run: str, active: str, *, delete_original: bool, dry_run: bool) -> None:
+        if self.busy:
+            raise RecloneError(f"{self.me} is already recloning (run {self.state.run})")
+        self.state = RunState(run=run, phase="manifest", started=time.time())
+        node = self.cluster.node(active)
+        self.task = asyncio.get_running_loop().create_task(
+            self._run(node, delete_original=delete_original, dry_run=dry_run)
+        )
+
+    async def _run(self, active: NodeSection, *, delete_original: bool, dry_run: bool) -> None:
+        state = self.state
+        try:
+            await self._rebuild(active, delete_original=delete_original, dry_run=dry_run)
+            state.phase = "done"
+        except asyncio.CancelledError:
+            state.phase, state.error = "failed", "cancelled (the agent is stopping)"
+            raise
+        except Exception as exc:  # whatever it was, the active must hear that it failed
+            reason = exc.kwargs.get("message") if isinstance(exc, SteadError) else None
+            state.phase, state.error = "failed", str(reason or exc) or type(exc).__name__
+            if isinstance(exc, SteadError | OSError):
+                log.error("reclone %s failed: %s", state.run, state.error)
+            else:
+                log.exception("reclone %s failed", state.run)
+        finally:
+            state.finished = time.time()
+
+    async def _rebuild(self, active: NodeSection, *, delete_original: bool, dry_run: bool) -> None:
+        state = self.state
+        conn = await self._connect(active)
+        try:
+            fetcher = state.fetcher = Fetcher(conn)
+            source = await fetcher.manifest()
+            state.phase = "plan"
+            scope = scope_of(self.cluster)
+            here = await asyncio.to_thread(collect, scope, serving=False)
+            work = make_plan(
+                state.run,
+                list(scope.trees),
+                source,
+                here,
+                PathSet(list(scope.preserve)),
+                delete_original=delete_original,
+            )
+            state.summary, state.skipped = work.summary(), work.skipped
+            if dry_run:
+                return
+            await self._stage_and_swap(fetcher, work)
+        finally:
+            await conn.close()
+
+    async def _stage_and_swap(self, fetcher: Fetcher, work: Work) -> None:
+        state = self.state
+        await asyncio.to_thread(self.swapper.begin, work.plan)
+        try:
+            state.phase = "copy"
+            await fetcher.fetch(work.fetch)  # every file checked against the active's hash
+        except BaseException:
+            await asyncio.shield(asyncio.to_thread(self.swapper.abandon, work.plan))
+            raise
+        state.phase = "swap"
+        # Shielded: once the intent says "swapping", finishing is the only way out.
+        await asyncio.shield(asyncio.to_thread(self.swapper.swap, work.plan))
+
+    async def _connect(self, active: NodeSection) -> Connection:
+        channel = self.cluster.channel
+        errors = []
+        for address in active.addresses:
+            try:
+                conn = await connect(
+                    address,
+                    channel.port,
+                    self.ssl_context,
+                    expected_peer=active.name,
+                    timeout=channel.connect_timeout,
+                    max_frame=channel.max_frame,
+                    compression=channel.compression,
+                    io_timeout=REPLY_TIMEOUT,
+                )
+            except ChannelError as exc:
+                errors.append(str(exc))
+                continue
+            await conn.send(self.hello())
+            answer = await conn.recv(timeout=channel.peer_timeout)
+            if isinstance(answer, m.Error):
+                await conn.close()
+                raise RecloneError(f"{active.name} refused the reclone: {answer.message}")
+            if not isinstance(answer, m.Hello):
+                await conn.close()
+                raise ProtocolError(f"{active.name} did not answer with a hello")
+            return conn
+        raise RecloneError(f"cannot reach the active {active.name}: {'; '.join(errors)}")

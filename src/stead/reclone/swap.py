@@ -1,0 +1,336 @@
+"""Swapping a staged copy of the system trees into place, and rolling it back.
+
+A reclone never edits a system tree in place while it copies. It builds every new or
+changed file in a staging area inside the tree (``<tree>/.stead-reclone/stage-<run>/``, on
+the same mount, so that a rename moves it into place), verifies it, and only then swaps:
+
+1. The plan (every operation, in order) is written to ``<state>/reclone/intent.json`` with
+   phase ``swapping`` and made durable. Before that point the node is exactly as it was.
+2. Each operation moves the path it replaces into the generation directory
+   (``<tree>/.stead-reclone/gen-<run>/``) and renames the staged file over it.
+3. Phase ``done``: the intent becomes the rollback generation (``generation.json``).
+
+Every operation is idempotent given the state of the three names it touches (staged file,
+destination, original in the generation), so a swap interrupted at any point (kill -9, power
+loss) is rolled forward on the next start by :func:`recover`; an interrupted staging phase
+is discarded instead. Never half of each.
+
+Timing and atomicity duties:
+- :meth:`Swapper.swap` is short (renames and metadata only, no data copied) and must not run
+  while anything else writes the trees; the agent runs it in a worker thread.
+- The intent is written with ``write_atomic`` and the trees are synced (``syncfs``) before the
+  phase changes, so what the file says has happened has happened on disk.
+
+Preserved paths never appear in a plan: the planner leaves them out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import stat
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from stead.errors import RecloneError
+from stead.fsutil import write_atomic
+
+log = logging.getLogger(__name__)
+
+AREA = ".stead-reclone"  # reserved name at the top of every system tree
+INTENT = "intent.json"
+GENERATION = "generation.json"
+
+OpKind = Literal["dir", "file", "symlink", "delete", "meta"]
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Meta:
+        return cls(stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns)
+
+
+@dataclass(slots=True)
+class Op:
+    """One change to one path of a tree.
+
+    ``dir``: make a directory (replacing a non-directory); ``file`` / ``symlink``: rename the
+    staged entry ``staged`` over ``path``; ``delete``: move ``path`` away; ``meta``: set
+    owner, mode and mtime of an unchanged entry. ``saved`` is where the original goes in the
+    generation; ``before`` its metadata, for rollback of ``meta``.
+    """
+
+    kind: OpKind
+    tree: str
+    path: str
+    staged: str = ""
+    saved: str = ""
+    meta: Meta | None = None
+    before: Meta | None = None
+    existed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Op:
+        data = dict(data)
+        for key in ("meta", "before"):
+            if data.get(key) is not None:
+                data[key] = Meta(**data[key])
+        return cls(**data)
+
+
+@dataclass(slots=True)
+class Plan:
+    run: str
+    trees: list[str]
+    ops: list[Op] = field(default_factory=list)
+    delete_original: bool = False
+
+    def to_json(self, phase: str) -> dict[str, Any]:
+        return {
+            "run": self.run,
+            "phase": phase,
+            "trees": self.trees,
+            "delete_original": self.delete_original,
+            "ops": [op.to_json() for op in self.ops],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Plan:
+        return cls(
+            run=str(data["run"]),
+            trees=[str(t) for t in data["trees"]],
+            ops=[Op.from_json(op) for op in data["ops"]],
+            delete_original=bool(data.get("delete_original", False)),
+        )
+
+
+def area(tree: str) -> Path:
+    return Path(tree) / AREA
+
+
+def stage_dir(tree: str, run: str) -> Path:
+    return area(tree) / f"stage-{run}"
+
+
+def generation_dir(tree: str, run: str) -> Path:
+    return area(tree) / f"gen-{run}"
+
+
+def _lexists(path: str) -> bool:
+    return os.path.lexists(path)
+
+
+def _remove(path: str) -> None:
+    """Remove whatever is at ``path`` (a directory with its contents)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def set_meta(path: str, meta: Meta, *, symlink: bool = False) -> None:
+    os.chown(path, meta.uid, meta.gid, follow_symlinks=False)
+    if not symlink:
+        os.chmod(path, meta.mode)
+    os.utime(path, ns=(meta.mtime_ns, meta.mtime_ns), follow_symlinks=False)
+
+
+def _sync() -> None:
+    os.sync()  # renames in several trees, possibly on several file systems
+
+
+class Swapper:
+    """Carries out and undoes plans; keeps the intent and the generation under ``state``."""
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+
+    @property
+    def intent_path(self) -> Path:
+        return self.state / INTENT
+
+    @property
+    def generation_path(self) -> Path:
+        return self.state / GENERATION
+
+    def _write(self, path: Path, data: dict[str, Any]) -> None:
+        self.state.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(data).encode(), mode=0o600)
+
+    # -- staging -------------------------------------------------------------------------
+
+    def begin(self, plan: Plan) -> None:
+        """Phase ``staging``: the staging areas may fill; the trees are untouched."""
+        self._write(self.intent_path, plan.to_json("staging"))
+        for tree in plan.trees:
+            stage_dir(tree, plan.run).mkdir(parents=True, exist_ok=True, mode=0o700)
+            generation_dir(tree, plan.run).mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def abandon(self, plan: Plan) -> None:
+        """Give up before the swap: remove what was staged; the node stays as it was."""
+        for tree in plan.trees:
+            _remove(str(stage_dir(tree, plan.run)))
+            gen = generation_dir(tree, plan.run)
+            if gen.is_dir() and not any(gen.iterdir()):
+                gen.rmdir()
+        self.intent_path.unlink(missing_ok=True)
+
+    # -- the swap ------------------------------------------------------------------------
+
+    def swap(self, plan: Plan) -> None:
+        """Phase ``swapping``, then ``done``: the staged copy is in place."""
+        _sync()  # staged data durable before the intent says it may be used
+        self._write(self.intent_path, plan.to_json("swapping"))
+        self._roll_forward(plan)
+
+    def _roll_forward(self, plan: Plan) -> None:
+        for op in plan.ops:
+            _forward(op)
+        for op in reversed(plan.ops):  # directories last and deepest first: children touch them
+            if op.kind in ("dir", "meta") and op.meta is not None and os.path.isdir(op.path):
+                set_meta(op.path, op.meta)
+        _sync()
+        previous = self.generation()
+        self._write(self.generation_path, plan.to_json("done"))
+        self.intent_path.unlink(missing_ok=True)
+        for tree in plan.trees:
+            _remove(str(stage_dir(tree, plan.run)))
+        if previous is not None and previous.run != plan.run:
+            self._drop(previous, record=False)  # one rollback generation: the newest
+        if plan.delete_original:
+            self.delete_generation()
+
+    # -- after a crash -------------------------------------------------------------------
+
+    def recover(self) -> str:
+        """On start: finish an interrupted swap or discard an interrupted staging."""
+        try:
+            data = json.loads(self.intent_path.read_text())
+        except FileNotFoundError:
+            return ""
+        except (OSError, ValueError) as exc:
+            raise RecloneError(f"reclone intent {self.intent_path} is unreadable: {exc}") from exc
+        plan = Plan.from_json(data)
+        if data.get("phase") == "swapping":
+            log.warning("reclone %s was interrupted while swapping: finishing it", plan.run)
+            self._roll_forward(plan)
+            return f"reclone {plan.run}: interrupted swap finished"
+        log.warning("reclone %s was interrupted while staging: discarding it", plan.run)
+        self.abandon(plan)
+        return f"reclone {plan.run}: interrupted before the swap, discarded"
+
+    # -- the rollback generation -----------------------------------------------------------
+
+    def generation(self) -> Plan | None:
+        try:
+            return Plan.from_json(json.loads(self.generation_path.read_text()))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RecloneError(f"reclone generation {self.generation_path}: {exc}") from exc
+
+    def rollback(self) -> Plan:
+        """Put the originals of the last reclone back; the generation is used up."""
+        plan = self.generation()
+        if plan is None:
+            raise RecloneError("there is no reclone generation to roll back to")
+        if plan.delete_original:
+            raise RecloneError(f"the originals of reclone {plan.run} were deleted")
+        for op in reversed(plan.ops):
+            _backward(op)
+        _sync()
+        self._drop(plan)
+        return plan
+
+    def delete_generation(self) -> None:
+        plan = self.generation()
+        if plan is None:
+            return
+        plan.delete_original = True
+        for tree in plan.trees:
+            _remove(str(generation_dir(tree, plan.run)))
+        self._write(self.generation_path, plan.to_json("done"))
+
+    def _drop(self, plan: Plan, *, record: bool = True) -> None:
+        """Remove a generation's directories, and its record unless a newer one replaced it."""
+        for tree in plan.trees:
+            _remove(str(generation_dir(tree, plan.run)))
+        if record:
+            self.generation_path.unlink(missing_ok=True)
+
+
+def _parent_is_inside(op: Op) -> bool:
+    """The directory an operation renames in must be the tree's own, not a symlink's target."""
+    if op.path == op.tree:
+        return True
+    parent = os.path.dirname(op.path)
+    rel = os.path.relpath(parent, op.tree)
+    real_tree = os.path.realpath(op.tree)
+    expected = real_tree if rel == "." else os.path.join(real_tree, rel)
+    return not rel.startswith("..") and os.path.realpath(parent) == expected
+
+
+def _forward(op: Op) -> None:
+    """One operation, safe to repeat after any interruption."""
+    if not _parent_is_inside(op):
+        # Never write through a symlink out of the tree; the rest of the swap goes on.
+        log.error("reclone: %s not swapped: a directory on the way leaves %s", op.path, op.tree)
+        return
+    if op.kind == "meta":
+        if op.meta is not None and _lexists(op.path):
+            set_meta(op.path, op.meta, symlink=os.path.islink(op.path))
+        return
+    if op.kind == "delete":
+        if _lexists(op.path) and not _lexists(op.saved):
+            os.rename(op.path, op.saved)
+        return
+    if op.kind == "dir":
+        if os.path.isdir(op.path) and not os.path.islink(op.path):
+            return
+        if _lexists(op.path) and not _lexists(op.saved):
+            os.rename(op.path, op.saved)
+        os.mkdir(op.path, 0o700)  # its metadata is set once its children are in
+        return
+    # file or symlink: the staged entry is renamed over the destination
+    if not _lexists(op.staged):
+        return  # done before the interruption
+    if _lexists(op.path) and not _lexists(op.saved):
+        os.rename(op.path, op.saved)
+    elif _lexists(op.path):
+        _remove(op.path)  # a leftover of a half-done earlier attempt; the original is saved
+    os.rename(op.staged, op.path)
+
+
+def _backward(op: Op) -> None:
+    """Undo one operation of a finished swap (run in reverse order: children first)."""
+    if op.kind == "meta":
+        if op.before is not None and _lexists(op.path):
+            set_meta(op.path, op.before, symlink=os.path.islink(op.path))
+        return
+    if _lexists(op.saved):
+        _remove(op.path)
+        os.rename(op.saved, op.path)
+    elif op.kind != "delete":
+        _remove(op.path)  # the reclone created it
+
+
+def plan_order(ops: Iterable[Op]) -> list[Op]:
+    """Parents before children; a path's own operations in a stable order."""
+    return sorted(ops, key=lambda op: (op.path.split("/"), op.kind != "dir"))

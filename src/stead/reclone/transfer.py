@@ -1,0 +1,329 @@
+"""Moving the reclone scope's bytes: the active serves, the passive pulls into staging.
+
+A reclone uses a channel connection of its own (mutual TLS, hello with purpose
+``reclone``), so that bulk copying never sits in front of heartbeats. The passive asks; the
+active answers each request in order:
+
+- ``manifest``: the active's manifest of its system trees (zstd-compressed msgpack), made
+  by the caller's ``collect``. The paths it lists are the only ones ``read`` will serve:
+  preserved and excluded paths (the active's own SSH host keys, say) never leave it.
+- ``read``: a batch of ``[path, offset, length]`` (at most ``BATCH_BYTES`` in all); the
+  answer holds the bytes of each, read with ``O_NOFOLLOW`` from a regular file.
+- ``entry``: a fresh manifest entry for paths whose content changed while they were copied.
+
+The passive keeps ``WINDOW`` requests in flight, writes each answer into the staging file
+named by the plan, and checks every file against the manifest's hash; a file that changed
+on the active meanwhile is fetched again, up to ``RETRIES`` times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import blake3
+import msgpack
+import zstandard
+
+from stead.aio import first_cause
+from stead.channel import messages as m
+from stead.channel.transport import Connection
+from stead.errors import ProtocolError, RecloneError, SteadError
+from stead.reclone.plan import Fetch, Item
+from stead.reclone.swap import set_meta
+
+log = logging.getLogger(__name__)
+
+BATCH_BYTES = 4 * 1024**2
+WINDOW = 8
+RETRIES = 3
+MAX_MANIFEST = 1024**3  # decompressed; a manifest is about 100 bytes a path
+REPLY_TIMEOUT = 30.0  # a read answer; a cut link fails the copy (and the staging) after this
+MANIFEST_TIMEOUT = 3600.0  # the active hashes its whole scope first
+
+Collect = Callable[[], dict[str, Item]]
+
+
+def pack_manifest(entries: dict[str, Item]) -> bytes:
+    raw = msgpack.packb({p: i.to_wire() for p, i in entries.items()}, use_bin_type=True)
+    return zstandard.ZstdCompressor(level=3).compress(raw)
+
+
+def unpack_manifest(blob: bytes) -> dict[str, Item]:
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(blob) as reader:
+            raw = reader.read(MAX_MANIFEST + 1)
+        if len(raw) > MAX_MANIFEST:
+            raise RecloneError("the active's manifest is larger than 1 GiB")
+        data = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except (zstandard.ZstdError, ValueError, msgpack.UnpackException) as exc:
+        raise RecloneError(f"the active's manifest is malformed: {exc}") from exc
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise RecloneError("the active's manifest is not a map of paths")
+    return {path: Item.from_wire(wire) for path, wire in data.items()}
+
+
+def _read_range(path: str, offset: int, length: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RecloneError(f"{path} is no longer a regular file")
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
+class Source:
+    """The active's side of one reclone connection."""
+
+    def __init__(self, collect: Collect) -> None:
+        self.collect = collect
+        self.served: dict[str, Item] = {}
+
+    async def serve(self, conn: Connection) -> None:
+        while True:
+            try:
+                request = await conn.recv(timeout=MANIFEST_TIMEOUT)  # the passive walks too
+            except SteadError:
+                return
+            if not isinstance(request, m.Request):
+                raise ProtocolError(f"expected a request, got {type(request).__name__}")
+            try:
+                body = await self._answer(request.kind, request.body)
+                reply = m.Reply(id=request.id, ok=True, body=body)
+            except (SteadError, OSError) as exc:
+                reply = m.Reply(id=request.id, ok=False, body={}, error=str(exc) or "failed")
+            await conn.send(reply)
+
+    async def _answer(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        if kind == "manifest":
+            self.served = await asyncio.to_thread(self.collect)
+            return {"manifest": await asyncio.to_thread(pack_manifest, self.served)}
+        if kind == "read":
+            items = body.get("items")
+            if not isinstance(items, list):
+                raise ProtocolError("read: items must be a list")
+            return {"data": await asyncio.to_thread(self._read, items)}
+        if kind == "entry":
+            paths = body.get("paths")
+            if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+                raise ProtocolError("entry: paths must be a list of text")
+            fresh = await asyncio.to_thread(self.collect)
+            self.served.update({p: fresh[p] for p in paths if p in fresh})
+            return {"entries": {p: fresh[p].to_wire() for p in paths if p in fresh}}
+        raise ProtocolError(f"unknown reclone request {kind!r}")
+
+    def _read(self, items: list[Any]) -> list[bytes]:
+        out, total = [], 0
+        for item in items:
+            if not (isinstance(item, list) and len(item) == 3):
+                raise ProtocolError("read: each item is [path, offset, length]")
+            path, offset, length = item
+            if not isinstance(path, str) or path not in self.served:
+                raise RecloneError(f"read: {path!r} is not in the manifest served")
+            if not all(isinstance(n, int) and n >= 0 for n in (offset, length)):
+                raise ProtocolError("read: offset and length must be non-negative integers")
+            total += length
+            if total > BATCH_BYTES:
+                raise ProtocolError(f"read: more than {BATCH_BYTES} bytes asked at once")
+            out.append(_read_range(path, offset, length))
+        return out
+
+
+@dataclass
+class Progress:
+    files_total: int = 0
+    bytes_total: int = 0
+    files_done: int = 0
+    bytes_done: int = 0
+    started: float = 0.0
+
+    def describe(self) -> dict[str, Any]:
+        elapsed = max(time.monotonic() - self.started, 1e-6) if self.started else 0.0
+        rate = self.bytes_done / elapsed if elapsed else 0.0
+        left = (self.bytes_total - self.bytes_done) / rate if rate > 0 else None
+        return {
+            "files_total": self.files_total,
+            "files_done": self.files_done,
+            "bytes_total": self.bytes_total,
+            "bytes_done": self.bytes_done,
+            "rate": round(rate),
+            "eta": round(left, 1) if left is not None else None,
+        }
+
+
+class Fetcher:
+    """The passive's side: asks for the manifest and pulls files into staging."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._ids = itertools.count(1)
+        self.progress = Progress()
+
+    async def _call(
+        self, kind: str, body: dict[str, Any], timeout: float = REPLY_TIMEOUT
+    ) -> dict[str, Any]:
+        request_id = next(self._ids)
+        await self.conn.send(m.Request(id=request_id, kind=kind, body=body))
+        return self._check(await self.conn.recv(timeout=timeout), request_id, kind)
+
+    @staticmethod
+    def _check(reply: m.Message, request_id: int, kind: str) -> dict[str, Any]:
+        if not isinstance(reply, m.Reply) or reply.id != request_id:
+            raise ProtocolError(f"{kind}: expected reply {request_id}, got {reply!r:.80}")
+        if not reply.ok:
+            raise RecloneError(f"the active refused {kind}: {reply.error}")
+        return reply.body
+
+    async def manifest(self) -> dict[str, Item]:
+        body = await self._call("manifest", {}, MANIFEST_TIMEOUT)
+        blob = body.get("manifest")
+        if not isinstance(blob, bytes):
+            raise ProtocolError("manifest: no manifest in the reply")
+        return await asyncio.to_thread(unpack_manifest, blob)
+
+    async def fetch(self, fetches: list[Fetch]) -> None:
+        """Every file into its staging name, checked against its hash; symlinks made."""
+        files = [f for f in fetches if f.item.kind == "file"]
+        self.progress = Progress(
+            files_total=len(files),
+            bytes_total=sum(f.item.size for f in files),
+            started=time.monotonic(),
+        )
+        for link in (f for f in fetches if f.item.kind == "symlink"):
+            await asyncio.to_thread(_make_symlink, link)
+        pending = files
+        for _attempt in range(RETRIES + 1):
+            changed = await self._copy(pending)
+            if not changed:
+                return
+            paths = [f.path for f in changed]
+            fresh = await self._call("entry", {"paths": paths}, MANIFEST_TIMEOUT)
+            entries = fresh.get("entries")
+            if not isinstance(entries, dict):
+                raise ProtocolError("entry: no entries in the reply")
+            pending = []
+            for f in changed:
+                if f.path not in entries:
+                    raise RecloneError(f"{f.path} vanished from the active during the reclone")
+                item = Item.from_wire(entries[f.path])
+                if item.kind != "file":
+                    raise RecloneError(f"{f.path} changed kind on the active during the reclone")
+                self.progress.bytes_total += item.size - f.item.size
+                pending.append(Fetch(f.path, f.staged, item))
+        raise RecloneError(f"{len(pending)} files kept changing on the active; try again later")
+
+    async def _copy(self, files: list[Fetch]) -> list[Fetch]:
+        """One pass; returns the files whose content did not match their hash."""
+        batches = list(_batches(files))
+        queue: asyncio.Queue[tuple[int, list[tuple[Fetch, int, int]]] | None] = asyncio.Queue(
+            WINDOW
+        )
+        changed: list[Fetch] = []
+        writers: dict[str, int] = {}
+
+        async def send() -> None:
+            for batch in batches:
+                request_id = next(self._ids)
+                items = [[f.path, offset, length] for f, offset, length in batch]
+                await queue.put((request_id, batch))
+                await self.conn.send(m.Request(id=request_id, kind="read", body={"items": items}))
+            await queue.put(None)
+
+        async def receive() -> None:
+            while (entry := await queue.get()) is not None:
+                request_id, batch = entry
+                reply = await self.conn.recv(timeout=REPLY_TIMEOUT)
+                body = self._check(reply, request_id, "read")
+                data = body.get("data")
+                if not isinstance(data, list) or len(data) != len(batch):
+                    raise ProtocolError("read: the reply does not match the request")
+                done = await asyncio.to_thread(_write_batch, batch, data, writers)
+                for f, ok in done:
+                    self.progress.files_done += 1
+                    if not ok:
+                        changed.append(f)
+                self.progress.bytes_done += sum(len(d) for d in data)
+
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(send())
+                tasks.create_task(receive())
+        except BaseExceptionGroup as group:
+            raise first_cause(group) from None
+        finally:
+            for fd in writers.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        return changed
+
+
+def _batches(files: list[Fetch]) -> Any:
+    """Requests of at most BATCH_BYTES: many small files together, large ones in chunks."""
+    batch: list[tuple[Fetch, int, int]] = []
+    size = 0
+    for f in files:
+        offset = 0
+        while True:
+            length = min(f.item.size - offset, BATCH_BYTES - size)
+            batch.append((f, offset, length))
+            size += length
+            offset += length
+            if size >= BATCH_BYTES:
+                yield batch
+                batch, size = [], 0
+            if offset >= f.item.size:
+                break
+    if batch:
+        yield batch
+
+
+def _write_batch(
+    batch: list[tuple[Fetch, int, int]], data: list[Any], writers: dict[str, int]
+) -> list[tuple[Fetch, bool]]:
+    """Write one answer; returns the files it completed and whether each matched its hash."""
+    done = []
+    for (f, offset, length), chunk in zip(batch, data, strict=True):
+        if not isinstance(chunk, bytes) or len(chunk) > length:
+            raise ProtocolError(f"read: bad data for {f.path}")
+        fd = writers.get(f.staged)
+        if fd is None:
+            flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = writers[f.staged] = os.open(f.staged, flags, 0o600)
+        if chunk:
+            os.pwrite(fd, chunk, offset)
+        if offset + length >= f.item.size:
+            del writers[f.staged]
+            try:
+                os.ftruncate(fd, f.item.size)
+                ok = _digest_fd(fd) == f.item.digest
+            finally:
+                os.close(fd)
+            if ok:
+                set_meta(f.staged, f.item.meta)
+            done.append((f, ok))
+    return done
+
+
+def _digest_fd(fd: int) -> str:
+    hasher = blake3.blake3()
+    offset = 0
+    while chunk := os.pread(fd, 1024**2, offset):
+        hasher.update(chunk)
+        offset += len(chunk)
+    return hasher.hexdigest()
+
+
+def _make_symlink(f: Fetch) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(f.staged)
+    os.symlink(f.item.target, f.staged)
+    set_meta(f.staged, f.item.meta, symlink=True)

@@ -1,0 +1,221 @@
+"""Planning, staging, swapping and rolling back a reclone of real trees on disk.
+
+The "active" tree and the "passive" tree live side by side; the plan is made for the
+passive's paths, and the fetch is a local copy from the active's (the transfer over the
+channel has its own tests). Crashes are simulated by stopping a swap after some operations.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from stead.config.system import PathSet
+from stead.errors import RecloneError
+from stead.reclone.builtin import collect
+from stead.reclone.plan import Item, Work, make_plan, tree_of
+from stead.reclone.swap import AREA, Swapper, _forward, set_meta
+from stead.reclone.transfer import _make_symlink
+from stead.system.manifest import Scope
+
+
+def _populate_active(root: Path) -> None:
+    (root / "app" / "bin").mkdir(parents=True)
+    (root / "app" / "VERSION").write_text("2.0\n")
+    (root / "app" / "bin" / "tool").write_text("#!/bin/sh\necho 2.0\n")
+    (root / "app" / "bin" / "tool").chmod(0o755)
+    (root / "new-dir" / "deep").mkdir(parents=True)
+    (root / "new-dir" / "deep" / "file").write_bytes(os.urandom(100_000))
+    (root / "link").symlink_to("app/VERSION")
+    (root / "was-a-dir").write_text("now a file\n")
+    (root / "node.conf").write_text("node = active\n")
+    (root / "mode-only").write_text("same\n")
+    (root / "mode-only").chmod(0o600)
+
+
+def _populate_passive(root: Path) -> None:
+    (root / "app" / "bin").mkdir(parents=True)
+    (root / "app" / "VERSION").write_text("1.0\n")
+    (root / "app" / "bin" / "tool").write_text("#!/bin/sh\necho 1.0\n")
+    (root / "app" / "old-only").write_text("gone after the reclone\n")
+    (root / "was-a-dir" / "child").mkdir(parents=True)
+    (root / "was-a-dir" / "child" / "f").write_text("x")
+    (root / "node.conf").write_text("node = passive\n")
+    (root / "mode-only").write_text("same\n")
+    (root / "mode-only").chmod(0o644)
+    (root / "stale-dir" / "sub").mkdir(parents=True)
+
+
+def _snapshot(root: Path) -> dict[str, tuple[str, int, bytes | str]]:
+    out: dict[str, tuple[str, int, bytes | str]] = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if rel.split("/")[0] == AREA:
+            continue
+        st = path.lstat()
+        if path.is_symlink():
+            out[rel] = ("link", 0, os.readlink(path))
+        elif path.is_dir():
+            out[rel] = ("dir", st.st_mode & 0o7777, "")
+        else:
+            out[rel] = ("file", st.st_mode & 0o7777, path.read_bytes())
+    return out
+
+
+def _plan(tmp_path: Path, run: str = "r1") -> tuple[Path, Path, Work]:
+    active, passive = tmp_path / "active", tmp_path / "passive"
+    active.mkdir(exist_ok=True)
+    passive.mkdir(exist_ok=True)
+    if not any(active.iterdir()):
+        _populate_active(active)
+        _populate_passive(passive)
+    exclude = (AREA,)
+    source_raw = collect(Scope(trees=(str(active),), exclude=exclude), serving=True)
+    source = {str(passive) + p[len(str(active)) :]: i for p, i in source_raw.items()}
+    here = collect(Scope(trees=(str(passive),), exclude=exclude), serving=False)
+    preserved = PathSet([f"{passive}/node.conf"])
+    work = make_plan(run, [str(passive)], source, here, preserved)
+    return active, passive, work
+
+
+def _stage(active: Path, passive: Path, work: Work) -> None:
+    for fetch in work.fetch:
+        if fetch.item.kind == "symlink":
+            _make_symlink(fetch)
+        else:
+            origin = str(active) + fetch.path[len(str(passive)) :]
+            shutil.copyfile(origin, fetch.staged)
+            set_meta(fetch.staged, fetch.item.meta)
+
+
+def test_swap_makes_the_passive_equal_but_for_preserved_paths(tmp_path: Path) -> None:
+    active, passive, work = _plan(tmp_path)
+    before = _snapshot(passive)
+    swapper = Swapper(tmp_path / "state")
+    swapper.begin(work.plan)
+    _stage(active, passive, work)
+    assert _snapshot(passive) == before  # staging touches nothing
+    swapper.swap(work.plan)
+    expected = _snapshot(active)
+    expected["node.conf"] = before["node.conf"]  # preserved: the node's own
+    assert _snapshot(passive) == expected
+    assert not swapper.intent_path.exists()
+    assert swapper.generation() is not None
+    assert work.summary()["delete"] >= 2  # app/old-only and stale-dir
+
+    swapper.rollback()
+    assert _snapshot(passive) == before
+    assert swapper.generation() is None
+    with pytest.raises(RecloneError, match="no reclone generation"):
+        swapper.rollback()
+
+
+@pytest.mark.parametrize("stop_after", [0, 1, 3, 7, 1000])
+def test_an_interrupted_swap_is_finished_on_recovery(tmp_path: Path, stop_after: int) -> None:
+    active, passive, work = _plan(tmp_path)
+    swapper = Swapper(tmp_path / "state")
+    swapper.begin(work.plan)
+    _stage(active, passive, work)
+    # What swap() does, cut short: the intent says "swapping", some operations are done.
+    swapper._write(swapper.intent_path, work.plan.to_json("swapping"))
+    for op in work.plan.ops[:stop_after]:
+        _forward(op)
+    assert "finished" in Swapper(tmp_path / "state").recover()
+    expected = _snapshot(active)
+    expected["node.conf"] = "file", 0o644, b"node = passive\n"
+    assert _snapshot(passive) == expected
+
+
+def test_an_interrupted_staging_is_discarded(tmp_path: Path) -> None:
+    active, passive, work = _plan(tmp_path)
+    before = _snapshot(passive)
+    swapper = Swapper(tmp_path / "state")
+    swapper.begin(work.plan)
+    _stage(active, passive, work)
+    assert "discarded" in Swapper(tmp_path / "state").recover()
+    assert _snapshot(passive) == before
+    assert not any((passive / AREA).iterdir())
+    assert Swapper(tmp_path / "state").recover() == ""
+
+
+def test_delete_original_drops_the_generation(tmp_path: Path) -> None:
+    active, passive, work = _plan(tmp_path)
+    work.plan.delete_original = True
+    swapper = Swapper(tmp_path / "state")
+    swapper.begin(work.plan)
+    _stage(active, passive, work)
+    swapper.swap(work.plan)
+    assert not any((passive / AREA).iterdir())
+    with pytest.raises(RecloneError, match="deleted"):
+        swapper.rollback()
+
+
+def test_a_second_reclone_finds_nothing_to_do(tmp_path: Path) -> None:
+    active, passive, work = _plan(tmp_path)
+    swapper = Swapper(tmp_path / "state")
+    swapper.begin(work.plan)
+    _stage(active, passive, work)
+    swapper.swap(work.plan)
+    _, _, again = _plan(tmp_path, run="r2")
+    assert again.fetch == []
+    assert [op.kind for op in again.plan.ops] == []
+
+
+def test_a_directory_holding_a_preserved_path_is_never_removed(tmp_path: Path) -> None:
+    tree = str(tmp_path / "t")
+    item = Item("file", 0o644, 0, 0, 1, 0, "ab")
+    here = {tree: Item("dir", 0o755, 0, 0), f"{tree}/ssh": Item("dir", 0o755, 0, 0),
+            f"{tree}/ssh/host_key": item}  # fmt: skip
+    source = {tree: Item("dir", 0o755, 0, 0), f"{tree}/ssh": item}  # a file on the active
+    work = make_plan("r", [tree], source, here, PathSet([f"{tree}/ssh/host_key"]))
+    assert [op.path for op in work.plan.ops] == []
+    assert any("preserved" in s for s in work.skipped)
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/etc/../root/x", "relative", "/elsewhere/x", f"/t/{AREA}/x", "/t/a\0b", "/t//x"],
+)
+def test_manifest_paths_outside_the_trees_are_refused(path: str) -> None:
+    with pytest.raises(RecloneError):
+        tree_of(path, ["/t"])
+    with pytest.raises(RecloneError):
+        make_plan("r", ["/t"], {path: Item("file", 0o644, 0, 0)}, {}, PathSet([]))
+
+
+def test_a_symlinked_directory_on_the_passive_is_never_written_through(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    tree = tmp_path / "t"
+    tree.mkdir()
+    (tree / "sub").symlink_to(outside)
+    item = Item("file", 0o644, os.getuid(), os.getgid(), 2, 0, "")
+    work = make_plan("r", [str(tree)], {f"{tree}/sub/x": item}, {}, PathSet([]))
+    swapper = Swapper(tmp_path / "state")
+    swapper.begin(work.plan)
+    for fetch in work.fetch:
+        Path(fetch.staged).write_text("x\n")
+    swapper.swap(work.plan)
+    assert not (outside / "x").exists()
+
+
+def test_a_second_reclone_keeps_its_own_generation(tmp_path: Path) -> None:
+    active, passive, first = _plan(tmp_path, run="r1")
+    swapper = Swapper(tmp_path / "state")
+    swapper.begin(first.plan)
+    _stage(active, passive, first)
+    swapper.swap(first.plan)
+    after_first = _snapshot(passive)
+    (active / "app" / "VERSION").write_text("3.0\n")
+    _, _, second = _plan(tmp_path, run="r2")
+    swapper.begin(second.plan)
+    _stage(active, passive, second)
+    swapper.swap(second.plan)
+    generation = swapper.generation()
+    assert generation is not None and generation.run == "r2"
+    assert not (passive / AREA / "gen-r1").exists()
+    swapper.rollback()
+    assert _snapshot(passive) == after_first
