@@ -22,9 +22,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench import big, changed, failover, labkit, lag, memory, small, steady, switchover
+from bench import big, changed, failover, labkit, lag, memory, reclone, small, steady, switchover
 
-BENCHMARKS = {m.NAME: m for m in (big, small, changed, lag, memory, failover, switchover, steady)}
+BENCHMARKS = {
+    m.NAME: m for m in (big, small, changed, lag, memory, failover, switchover, steady, reclone)
+}
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results.json"
 RESULTS_MD = HERE / "RESULTS.md"

@@ -239,3 +239,58 @@ def test_a_schedule_fires_a_reclone_and_follows_to_the_passives(lab: Any) -> Non
     removed = stead_cli(built, "schedule", "remove", "each-minute")
     assert removed.returncode == 0, removed.stderr
     wait_until(lambda: listed("tertiary") == [], 30, "the removal to be shared")
+
+
+LIBVIRT_WORLD = """<node>
+{domains}
+  <pool type='dir'><name>lab-pool</name><target><path>/lab-pool</path></target>
+{volumes}
+  </pool>
+  <network><name>default</name><bridge name='virbr0'/>
+    <ip address='192.168.122.1' netmask='255.255.255.0'/></network>
+</node>
+"""
+DOMAIN = """  <domain type='test'><name>vm-{node}</name><memory unit='MiB'>1024</memory>
+    <vcpu>1</vcpu><os><type arch='i686'>hvm</type></os><devices>
+    <disk type='volume' device='disk'><source pool='lab-pool' volume='vm-{node}.qcow2'/>
+    <target dev='vda' bus='virtio'/></disk>
+    <interface type='network'><mac address='52:54:00:00:00:{index:02x}'/>
+    <source network='default'/></interface></devices></domain>"""
+VOLUME = """    <volume type='file'><name>vm-{node}.qcow2</name><capacity unit='MiB'>20</capacity>
+    <target><format type='qcow2'/></target></volume>"""
+
+
+def test_the_libvirt_provider_from_the_cli(lab: Any, tmp_path: Path) -> None:
+    """With [reclone] provider = "libvirt", the active clones its machine into the node's
+    (libvirt's test driver, a real libvirt with machines in memory), then checks the node's
+    protected set; rollback restores the node's machine."""
+    from clusterutil import set_cluster_option
+
+    built: Lab = lab(3)
+    nodes = ("primary", "secondary", "tertiary")
+    world = tmp_path / "libvirt.xml"
+    world.write_text(
+        LIBVIRT_WORLD.format(
+            domains="\n".join(DOMAIN.format(node=n, index=i + 1) for i, n in enumerate(nodes)),
+            volumes="\n".join(VOLUME.format(node=n) for n in nodes),
+        )
+    )
+    domains = ", ".join(f'{n} = "vm-{n}"' for n in nodes)
+    section = (
+        f'[reclone]\nprovider = "libvirt"\n\n[reclone.libvirt]\nuri = "test://{world}"\n'
+        f"domains = {{ {domains} }}\n\n[patch]"
+    )
+    set_cluster_option(built, "[patch]", section)
+    wait_connected(built)
+    wait_sync(built)
+    plan = reclone(built, "tertiary", "--dry-run")
+    assert plan.returncode == 0, plan.stderr
+    assert "clone lab-pool/vm-primary.qcow2" in " ".join(plan.stdout.split())
+    done = reclone(built, "tertiary")
+    assert done.returncode == 0, done.stderr
+    assert "original kept as vm-tertiary-orig-" in " ".join(done.stdout.split())
+    history = __import__("json").loads(reclone(built, "history", "--json").stdout)
+    assert [(r["node"], r["result"]) for r in history] == [("tertiary", "ok")]
+    back = reclone(built, "rollback", "tertiary")
+    assert back.returncode == 0, back.stderr
+    assert "rolled back" in back.stdout

@@ -24,6 +24,8 @@ from stead.channel import messages as m
 from stead.channel.transport import Connection
 from stead.errors import ChannelError, RecloneError, SteadError, UsageError
 from stead.reclone.builtin import Rebuilder, source_for
+from stead.reclone.providers import libvirt_provider_class
+from stead.reclone.providers.base import CloneProvider
 from stead.reclone.schedule import Schedule
 from stead.reclone.scheduler import Scheduler, StoreBackedSchedules
 from stead.reclone.swap import Swapper
@@ -40,6 +42,7 @@ RESTART_GRACE = 90.0  # a node that stops answering this long failed (its copy g
 
 class Reclones(AgentBase):
     _rebuilder: Rebuilder | None = None
+    _vm_provider: CloneProvider | None = None
     reclone_recovered: str = ""
     scheduler: Scheduler
 
@@ -182,6 +185,10 @@ class Reclones(AgentBase):
             raise UsageError(f"{self.me} is passive; run the rollback on the active node")
         if node not in self.senders:
             raise UsageError(f"{node!r} is not a passive of this cluster")
+        if self.cluster.reclone.provider == "libvirt":
+            generation = await self._machines().rollback(node)
+            self.store.event("reclone", f"{node}: machine of reclone {generation.run} restored")
+            return {"node": node, "run": generation.run, "operations": generation.detail}
         answer = await self.membership.request(node, "reclone-rollback", {}, timeout=300)
         self.store.event("reclone", f"{node}: reclone {answer.get('run')} rolled back")
         return {"node": node, **answer}
@@ -258,7 +265,10 @@ class Reclones(AgentBase):
         try:
             if not params["force"] and not params["dry_run"]:
                 await self._reclone_gate(name)
-            status = await self._rebuild(job, name, run)
+            if self.cluster.reclone.provider == "libvirt":
+                status = await self._clone_machine(job, name, run)
+            else:
+                status = await self._rebuild(job, name, run)
             progress = status.get("progress") or {}
             record.update(bytes=progress.get("bytes_done", 0), files=progress.get("files_done", 0))
             record["summary"] = status.get("summary", {})
@@ -281,6 +291,35 @@ class Reclones(AgentBase):
                     + (f" ({record['error']})" if record["error"] else ""),
                     level="info" if record["result"] == "ok" else "error",
                 )
+
+    def _machines(self) -> CloneProvider:
+        """The libvirt provider, one connection for the agent's lifetime."""
+        if self._vm_provider is None:
+            settings = self.cluster.reclone.libvirt
+            assert settings is not None  # the schema requires it for provider libvirt
+            self._vm_provider = libvirt_provider_class()(
+                settings.uri,
+                settings.domains,
+                settings.preserve,
+                shutdown_timeout=settings.shutdown_timeout,
+            )
+        return self._vm_provider
+
+    async def _clone_machine(self, job: Job, name: str, run: str) -> dict[str, Any]:
+        """The libvirt provider clones the active's machine into the node's."""
+        provider = self._machines()
+        delete = bool(job.params["delete_original"])
+        if job.params["dry_run"]:
+            plan = await provider.plan(name, active=self.me, run=run, delete_original=delete)
+            return {"phase": "done", "summary": plan.summary, "steps": plan.steps}
+
+        def progress(update: dict[str, Any]) -> None:
+            job.progress = {"node": name, **update}
+
+        result = await provider.clone(
+            name, active=self.me, run=run, delete_original=delete, progress=progress
+        )
+        return {"phase": "done", **result.describe()}
 
     def _in_sync(self, name: str) -> bool:
         sender = self.senders.get(name)

@@ -120,6 +120,10 @@ def _print_report(job: dict[str, Any]) -> None:
     dry = job["params"].get("dry_run")
     for name, result in job.get("result", {}).items():
         summary = result.get("summary") or {}
+        status = result.get("status") or {}
+        if status.get("provider") == "libvirt" or "steps" in status:
+            _print_machine(console, name, status, dry)
+            continue
         verb = "would change" if dry else "recloned"
         console.print(
             f"[bold]{name}[/bold] {verb}: {summary.get('fetch_files', 0)} files to copy "
@@ -130,6 +134,26 @@ def _print_report(job: dict[str, Any]) -> None:
         )
         for line in (result.get("status") or {}).get("skipped", [])[:20]:
             console.print(f"  [yellow]skipped[/yellow] {line}", highlight=False)
+
+
+def _print_machine(console: Console, name: str, status: dict[str, Any], dry: bool) -> None:
+    """A virtual machine clone (the libvirt provider): its steps or its outcome."""
+    if dry:
+        console.print(f"[bold]{name}[/bold] would be recloned by its machine:")
+        for step in status.get("steps", []):
+            console.print(f"  {step}", highlight=False)
+        return
+    generation = status.get("generation") or {}
+    kept = (
+        "original deleted"
+        if generation.get("deleted")
+        else f"original kept as {generation.get('detail', '-')}"
+    )
+    console.print(
+        f"[bold]{name}[/bold] recloned: machine {status.get('summary', {}).get('domain', '')} "
+        f"defined from the active's, {kept}; protected set checked",
+        highlight=False,
+    )
 
 
 @app.command("rollback")

@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from stead.config.dns import DnsSection
+from stead.config.reclone import RecloneSection
 from stead.config.system import PatchSection, SystemSection
 from stead.services.config import ServiceSpec
 
@@ -391,6 +392,7 @@ class ClusterConfig(_Strict):
     nodes: list[NodeSection] = Field(min_length=2)
     system: SystemSection = Field(default_factory=SystemSection)
     patch: PatchSection = Field(default_factory=PatchSection)
+    reclone: RecloneSection = Field(default_factory=RecloneSection)
 
     @model_validator(mode="after")
     def _consistent(self) -> ClusterConfig:
@@ -428,6 +430,16 @@ class ClusterConfig(_Strict):
             for b in paths[i + 1 :]:
                 if a == b or a in b.parents or b in a.parents:
                     raise ValueError(f"protected paths {a} and {b} overlap")
+        if self.reclone.libvirt is not None:
+            nodes = {node.name for node in self.nodes}
+            missing = sorted(nodes - set(self.reclone.libvirt.domains))
+            unknown = sorted(set(self.reclone.libvirt.domains) - nodes)
+            if missing or unknown:
+                raise ValueError(
+                    "reclone.libvirt.domains must name the domain of every node and only "
+                    f"nodes (missing: {', '.join(missing) or '-'}; unknown: "
+                    f"{', '.join(unknown) or '-'})"
+                )
         for tree in map(PurePosixPath, self.system.trees):
             for path in paths:
                 if tree == path or path in tree.parents:

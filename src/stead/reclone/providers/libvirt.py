@@ -46,6 +46,7 @@ from typing import Any, TypeVar
 
 import libvirt
 
+from stead.config.reclone import LIBVIRT_PRESERVE_KEYS
 from stead.errors import RecloneError
 from stead.reclone.providers import libvirt_xml as lx
 from stead.reclone.providers.base import (
@@ -61,7 +62,7 @@ from stead.reclone.providers.base import (
 
 log = logging.getLogger(__name__)
 
-PRESERVE_KEYS = ("hostname", "management_address", "node_key", "machine_id")
+PRESERVE_KEYS = LIBVIRT_PRESERVE_KEYS
 """What a node keeps. ``node_key`` is a reference (a path or a fingerprint), never a key."""
 
 Customize = Callable[[str, list[str], Mapping[str, str]], None]
