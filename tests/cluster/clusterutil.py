@@ -120,3 +120,25 @@ def assert_event(lab: Lab, node: str, kind: str) -> None:
     """The node's agent recorded an event of ``kind`` among its latest hundred."""
     events = AgentClient(lab.socket_path(node), timeout=10).call("GET", "/v1/events?limit=100")
     assert any(e["kind"] == kind for e in events), events
+
+
+def build_marker_deb(where: Path, package: str, file: str, text: str) -> Path:
+    """A tiny package whose one file, ``/opt/lab/marker/FILE``, lies in a tree of each lab
+    node's own (with the node's own dpkg database, it is installed on that node only)."""
+    root = where / "pkg"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text(
+        f"Package: {package}\nVersion: 1.0\nArchitecture: all\n"
+        "Maintainer: Stead tests <tests@lab.test>\nDescription: a lab test marker\n"
+    )
+    (root / "opt" / "lab" / "marker").mkdir(parents=True)
+    (root / "opt" / "lab" / "marker" / file).write_text(text)
+    deb = where / f"{package}.deb"
+    subprocess.run(
+        ["dpkg-deb", "--root-owner-group", "--build", str(root), str(deb)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    deb.chmod(0o644)
+    return deb

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import clusterutil
 import pytest
 from clusterutil import peers, sh, wait_connected, wait_until
 
@@ -46,23 +47,7 @@ def drift_json(lab: Lab, *args: str, code: int) -> dict[str, Any]:
 
 
 def build_marker_deb(where: Path) -> Path:
-    """A tiny package whose only file lies under /opt/lab (a tree of the node's own)."""
-    root = where / "pkg"
-    (root / "DEBIAN").mkdir(parents=True)
-    (root / "DEBIAN" / "control").write_text(
-        f"Package: {MARKER}\nVersion: 1.0\nArchitecture: all\n"
-        "Maintainer: Stead tests <tests@lab.test>\nDescription: drift test marker\n"
-    )
-    (root / "opt" / "lab" / "marker").mkdir(parents=True)
-    (root / "opt" / "lab" / "marker" / "README").write_text("installed on one node only\n")
-    deb = where / "marker.deb"
-    subprocess.run(
-        ["dpkg-deb", "--root-owner-group", "--build", str(root), str(deb)],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return deb
+    return clusterutil.build_marker_deb(where, MARKER, "README", "installed on one node only\n")
 
 
 def no_differences(report: dict[str, Any]) -> None:
@@ -72,8 +57,6 @@ def no_differences(report: dict[str, Any]) -> None:
 
 
 def test_drift_names_exactly_what_differs(lab: Any, tmp_path: Path) -> None:
-    if not os.path.exists("/usr/bin/dpkg-deb"):
-        pytest.skip("needs dpkg (the lab copies the host's dpkg database)")
     built: Lab = lab(3)
     wait_connected(built)
 

@@ -318,10 +318,14 @@ def test_a_flapping_link_never_makes_two_actives_in_one_epoch(lab: Any) -> None:
     assert final is not None
     wait_active(built, final)
     assert holders(built) == [final]
-    wait_until(
-        lambda: all(n["state"] == "in sync" for n in node_status(built, final)["nodes"][1:]),
-        120,
-        "every passive in sync",
-    )
+    try:
+        wait_until(
+            lambda: all(n["state"] == "in sync" for n in node_status(built, final)["nodes"][1:]),
+            120,
+            "every passive in sync",
+        )
+    except AssertionError as exc:  # say what each node saw, for the next one to read
+        seen = {n: agent(built, n).call("GET", "/v1/events?limit=30") for n in built.nodes}
+        raise AssertionError(f"{exc}: {node_status(built, final)} {seen}") from None
     _wait_sync(built, final)
     assert_converged(built)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import clusterutil
 import pytest
 from clusterutil import wait_connected, wait_until
 from failoverutil import Client, active_of, wait_active, whoami
@@ -28,18 +29,7 @@ PACKAGE = "marker"
 
 
 def build_marker(where: Path) -> Path:
-    root = where / "pkg"
-    (root / "DEBIAN").mkdir(parents=True)
-    (root / "opt/lab/marker").mkdir(parents=True)
-    (root / "opt/lab/marker/installed").write_text("patched by stead patch\n")
-    (root / "DEBIAN/control").write_text(
-        f"Package: {PACKAGE}\nVersion: 1.0\nArchitecture: all\n"
-        "Maintainer: Stead tests <tests@lab.test>\nDescription: stead patch test marker\n"
-    )
-    deb = where / f"{PACKAGE}.deb"
-    subprocess.run(["dpkg-deb", "--build", str(root), str(deb)], check=True, capture_output=True)
-    deb.chmod(0o644)
-    return deb
+    return clusterutil.build_marker_deb(where, PACKAGE, "installed", "patched by stead patch\n")
 
 
 def installed(lab: Lab) -> dict[str, bool]:

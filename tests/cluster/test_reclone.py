@@ -294,3 +294,34 @@ def test_the_libvirt_provider_from_the_cli(lab: Any, tmp_path: Path) -> None:
     back = reclone(built, "rollback", "tertiary")
     assert back.returncode == 0, back.stderr
     assert "rolled back" in back.stdout
+
+
+def test_automatic_reclone_on_drift_and_on_a_package_change(lab: Any, tmp_path: Path) -> None:
+    from clusterutil import build_marker_deb, set_cluster_option
+
+    built: Lab = lab(3)
+    auto = (
+        "[reclone.auto]\nenabled = true\ninterval = 1.0\non_drift = true\n"
+        "on_packages = true\ncooldown = 0\n\n[patch]"
+    )
+    set_cluster_option(built, "[patch]", auto)
+    wait_connected(built)
+    wait_sync(built)
+
+    def runs(trigger: str) -> list[dict[str, Any]]:
+        history = agent(built, "primary").call("GET", "/v1/reclone/history")
+        return [r for r in history if trigger in r["trigger"] and r["result"] == "ok"]
+
+    # Drift: a file appears on the tertiary only; the active rebuilds it by itself.
+    sh(built, "tertiary", "echo local > /opt/lab/app/stray")
+    wait_until(lambda: runs("drifted"), 60, "an automatic reclone after drift")
+    assert [r["node"] for r in runs("drifted")] == ["tertiary"]
+    assert "/opt/lab/app/stray" not in system_tree(built, "tertiary")
+
+    # A package installed on the active (a patch): every passive is rebuilt.
+    deb = build_marker_deb(tmp_path, "stead-auto-marker", "README", "patched\n")
+    sh(built, "primary", f"dpkg -i {deb} >/dev/null")
+    wait_until(lambda: len(runs("packages")) == 2, 90, "automatic reclones after a patch")
+    assert sorted(r["node"] for r in runs("packages")) == ["secondary", "tertiary"]
+    for node in ("secondary", "tertiary"):
+        assert sh(built, node, "cat /opt/lab/marker/README") == "patched\n"

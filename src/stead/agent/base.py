@@ -125,6 +125,21 @@ class AgentBase:
     def start_check(self, *, node: str | None, fast: bool) -> Any:
         raise NotImplementedError
 
+    def start_reclone(
+        self,
+        nodes: list[str],
+        *,
+        all_nodes: bool = False,
+        delete_original: bool = False,
+        force: bool = False,
+        dry_run: bool = False,
+        trigger: str = "operator",
+    ) -> Any:
+        raise NotImplementedError
+
+    async def drift(self, *, node: str | None, trees: bool, packages: bool) -> dict[str, Any]:
+        raise NotImplementedError
+
     async def _accept_handover(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stead.agent.autoreclone import AutoReclones
 from stead.agent.conversations import Conversations
 from stead.agent.jobs import JobTable
 from stead.agent.progress import AppendLog
@@ -49,7 +50,7 @@ from stead.store.db import StateStore
 log = logging.getLogger(__name__)
 
 
-class Agent(OperatorRequests, RoleChanges, Conversations, Procedures, Reclones):
+class Agent(OperatorRequests, RoleChanges, Conversations, Procedures, Reclones, AutoReclones):
     def __init__(self, loaded: Loaded) -> None:
         self.loaded = loaded
         self.cluster = loaded.cluster
@@ -93,6 +94,7 @@ class Agent(OperatorRequests, RoleChanges, Conversations, Procedures, Reclones):
         self._switch_waiters: list[asyncio.Future[None]] = []
         self.init_roles()
         self.init_reclones()
+        self.init_auto_reclone()
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -118,6 +120,7 @@ class Agent(OperatorRequests, RoleChanges, Conversations, Procedures, Reclones):
                 api = await serve_unix(self, self.loaded.api_socket)
                 self.start_cycle(tasks)
                 self.start_scheduler(tasks)
+                tasks.create_task(self.auto_reclone_loop())
                 try:
                     await self._stop.wait()
                 finally:

@@ -54,7 +54,26 @@ class LibvirtSection(_Strict):
         return self
 
 
+class AutoSection(_Strict):
+    """Automatic reclone (see stead.reclone.policy); off unless ``enabled``."""
+
+    enabled: bool = False
+    interval: float = Field(default=300.0, ge=1, le=86400, description="seconds between looks")
+    out_of_sync_after: float | None = Field(
+        default=None, gt=0, description="seconds a passive may stay out of sync; none: off"
+    )
+    on_drift: bool = Field(default=False, description="reclone a passive whose trees drifted")
+    on_packages: bool = Field(
+        default=False, description="reclone every passive when the active's packages change"
+    )
+    cooldown: float = Field(
+        default=3600.0, ge=0, description="seconds before a node is tried again automatically"
+    )
+    delete_original: bool = False
+
+
 class RecloneSection(_Strict):
+    auto: AutoSection = Field(default_factory=AutoSection)
     provider: Literal["builtin", "libvirt"] = Field(
         default="builtin", description="builtin (over the channel) or libvirt (VM clones)"
     )
