@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from stead.agent.membership import Membership
     from stead.agent.probes import WitnessMonitor
     from stead.agent.progress import AppendLog
+    from stead.channel import messages as m
     from stead.channel.transport import ChannelServer
     from stead.config.load import Loaded
     from stead.config.schema import ClusterConfig
@@ -111,6 +112,9 @@ class AgentBase:
         raise NotImplementedError
 
     def position(self) -> int:
+        raise NotImplementedError
+
+    def _hello(self) -> m.Hello:
         raise NotImplementedError
 
     def _best_passive(self) -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
 import time
@@ -120,17 +121,7 @@ class Reclones(AgentBase):
         return self._rebuilder
 
     def _reclone_hello(self) -> m.Hello:
-        return m.Hello(
-            protocol=m.PROTOCOL_VERSION,
-            cluster_id=self.cluster.cluster.id,
-            node=self.me,
-            epoch=self.epoch,
-            role=self.role,
-            applied_seq=0,
-            persisted_seq=0,
-            journal_head=0,
-            purpose="reclone",
-        )
+        return dataclasses.replace(self._hello(), purpose="reclone")
 
     async def serve_reclone(self, conn: Connection, hello: m.Hello) -> None:
         """A passive pulls the reclone scope from us (the active) on its own connection."""

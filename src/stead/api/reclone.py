@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from stead.api.body import json_object
 from stead.errors import UsageError
 
 if TYPE_CHECKING:
@@ -21,9 +22,9 @@ def _flag(body: dict[str, Any], key: str) -> bool:
     return value
 
 
-def add_routes(app: web.Application, agent_of: AgentOf, json_body: AgentOf) -> None:
+def add_routes(app: web.Application, agent_of: AgentOf) -> None:
     async def start(request: web.Request) -> web.Response:
-        body = await json_body(request)
+        body = await json_object(request)
         nodes = body.get("nodes", [])
         if not isinstance(nodes, list) or not all(isinstance(n, str) for n in nodes):
             raise UsageError("nodes must be a list of node names")
@@ -38,7 +39,7 @@ def add_routes(app: web.Application, agent_of: AgentOf, json_body: AgentOf) -> N
         return web.json_response(job.describe(), status=202)
 
     async def rollback(request: web.Request) -> web.Response:
-        body = await json_body(request)
+        body = await json_object(request)
         node = body.get("node")
         if not isinstance(node, str):
             raise UsageError("node must be a node name")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from stead.api import reclone
+from stead.api.body import json_object
 from stead.errors import SteadError
 from stead.reclone import schedule_api
 
@@ -63,20 +64,6 @@ def _agent(request: web.Request) -> Agent:
     return request.app[AGENT_KEY]  # type: ignore[return-value]
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    from stead.errors import UsageError
-
-    if not request.can_read_body:
-        return {}
-    try:
-        body = await request.json()
-    except ValueError:
-        raise UsageError("request body is not JSON") from None
-    if not isinstance(body, dict):
-        raise UsageError("request body must be a JSON object")
-    return body
-
-
 async def status(request: web.Request) -> web.Response:
     return web.json_response(_agent(request).status())
 
@@ -84,7 +71,7 @@ async def status(request: web.Request) -> web.Response:
 async def wait_sync(request: web.Request) -> web.Response:
     from stead.errors import UsageError
 
-    body = await _json_body(request)
+    body = await json_object(request)
     timeout = body.get("timeout", 60.0)
     require_all = body.get("all", False)
     if (
@@ -102,7 +89,7 @@ async def wait_sync(request: web.Request) -> web.Response:
 async def start_check(request: web.Request) -> web.Response:
     from stead.errors import UsageError
 
-    body = await _json_body(request)
+    body = await json_object(request)
     node = body.get("node")
     fast = body.get("fast", False)
     if node is not None and not isinstance(node, str):
@@ -132,7 +119,7 @@ async def drift(request: web.Request) -> web.Response:
 async def switchover(request: web.Request) -> web.Response:
     from stead.errors import UsageError
 
-    body = await _json_body(request)
+    body = await json_object(request)
     to = body.get("to")
     if to is not None and not isinstance(to, str):
         raise UsageError("to must be a node name")
@@ -147,7 +134,7 @@ async def failover(request: web.Request) -> web.Response:
 async def maintenance(request: web.Request) -> web.Response:
     from stead.errors import UsageError
 
-    body = await _json_body(request)
+    body = await json_object(request)
     on = body.get("on")
     if not isinstance(on, bool):
         raise UsageError("on must be true or false")
@@ -199,7 +186,7 @@ def build_app(agent: Agent) -> web.Application:
     app.router.add_post("/v1/failover", failover)
     app.router.add_post("/v1/maintenance", maintenance)
     app.router.add_get("/v1/quarantine", quarantine)
-    reclone.add_routes(app, _agent, _json_body)
+    reclone.add_routes(app, _agent)
     schedule_api.add_routes(app, lambda: agent.scheduler)
     app.router.add_get("/v1/drift", drift)
     return app

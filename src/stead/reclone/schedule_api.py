@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from stead.api.body import json_object
 from stead.errors import NotFound as UnknownSchedule
 from stead.errors import UsageError
 from stead.reclone.scheduler import Scheduler
@@ -45,7 +46,7 @@ def add_routes(app: web.Application, scheduler_getter: SchedulerGetter) -> None:
         return web.json_response({"now": found.now().isoformat(), "schedules": listed})
 
     async def add_schedule(request: web.Request) -> web.Response:
-        body = await _json_object(request)
+        body = await json_object(request)
         found = scheduler()
         added = await found.add(found.build(body))
         return web.json_response(added.model_dump(mode="json"), status=201)
@@ -73,13 +74,3 @@ def add_routes(app: web.Application, scheduler_getter: SchedulerGetter) -> None:
     app.router.add_delete("/v1/schedules/{name}", remove_schedule)
     app.router.add_post("/v1/schedules/{name}/enable", toggle(True))
     app.router.add_post("/v1/schedules/{name}/disable", toggle(False))
-
-
-async def _json_object(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise UsageError("request body is not JSON") from None
-    if not isinstance(body, dict):
-        raise UsageError("request body must be a JSON object")
-    return body
