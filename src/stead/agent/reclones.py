@@ -140,7 +140,7 @@ class Reclones(AgentBase):
             return
         await conn.send(self._reclone_hello())
         log.info("serving a reclone of %s", hello.node)
-        await source_for(self.cluster).serve(conn)
+        await source_for(self.cluster, self.state_dir).serve(conn)
 
     def reclone_history(self) -> list[dict[str, Any]]:
         history = self.store.get(HISTORY_KEY, [])

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import ssl
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,10 +31,12 @@ from stead.errors import ChannelError, ProtocolError, RecloneError, SteadError
 from stead.reclone.plan import Item, Kind, Work, make_plan
 from stead.reclone.swap import AREA, Swapper
 from stead.reclone.transfer import REPLY_TIMEOUT, Fetcher, Source
+from stead.system.hashcache import HashCache
 from stead.system.manifest import PathEntry, Scope, build_manifest
 
 log = logging.getLogger(__name__)
 
+HASH_CACHE = "hash-cache.msgpack"
 _KINDS: dict[str, Kind] = {"file": "file", "dir": "dir", "symlink": "symlink"}
 
 
@@ -65,10 +68,16 @@ def _item(entry: PathEntry) -> Item | None:
     )
 
 
-def collect(scope: Scope, *, serving: bool) -> dict[str, Item]:
+def hash_cache_path(state_dir: Path) -> Path:
+    """The agent's :class:`HashCache` of its system trees (used as active and as passive)."""
+    return state_dir / HASH_CACHE
+
+
+def collect(scope: Scope, *, serving: bool, cache: Path | None = None) -> dict[str, Item]:
     """Items of every path of the trees (blocking). Serving (the active), a path it cannot
-    read is left out, so that it is neither copied nor deleted on the passive."""
-    manifest = build_manifest(scope)
+    read is left out, so that it is neither copied nor deleted on the passive. With a
+    ``cache`` file, only files changed since the last walk are read."""
+    manifest = build_manifest(scope, cache=HashCache(cache) if cache is not None else None)
     items = {}
     for path, entry in manifest.entries.items():
         if serving and entry.error:
@@ -80,9 +89,29 @@ def collect(scope: Scope, *, serving: bool) -> dict[str, Item]:
     return items
 
 
-def source_for(cluster: ClusterConfig) -> Source:
+def source_for(cluster: ClusterConfig, state_dir: Path | None = None) -> Source:
     scope = scope_of(cluster)
-    return Source(lambda: collect(scope, serving=True))
+    cache = hash_cache_path(state_dir) if state_dir is not None else None
+    return Source(lambda: collect(scope, serving=True, cache=cache))
+
+
+def remember_swapped(cache_path: Path, work: Work) -> None:
+    """Record the digests of the files a swap just put in place (verified while staged),
+    so that the next walk need not read them again (blocking)."""
+    cache = HashCache(cache_path)
+    for f in work.fetch:
+        if f.item.kind != "file" or not f.item.digest:
+            continue
+        try:
+            st = os.lstat(f.path)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (
+            f.item.size,
+            f.item.mtime_ns,
+        ):
+            cache.remember(f.path, st, bytes.fromhex(f.item.digest))
+    cache.save(keep_previous=True)
 
 
 @dataclass
@@ -126,6 +155,7 @@ class Rebuilder:
         self.me = me
         self.cluster = cluster
         self.swapper = Swapper(state_dir / "reclone")
+        self.cache_path = hash_cache_path(state_dir)
         self.ssl_context = ssl_context
         self.hello = hello
         self.state = RunState()
@@ -170,7 +200,7 @@ class Rebuilder:
             source = await fetcher.manifest()
             state.phase = "plan"
             scope = scope_of(self.cluster)
-            here = await asyncio.to_thread(collect, scope, serving=False)
+            here = await asyncio.to_thread(collect, scope, serving=False, cache=self.cache_path)
             work = make_plan(
                 state.run,
                 list(scope.trees),
@@ -198,6 +228,10 @@ class Rebuilder:
         state.phase = "swap"
         # Shielded: once the intent says "swapping", finishing is the only way out.
         await asyncio.shield(asyncio.to_thread(self.swapper.swap, work.plan))
+        try:
+            await asyncio.to_thread(remember_swapped, self.cache_path, work)
+        except OSError as exc:  # a cache: the reclone is done without it
+            log.warning("reclone %s: hash cache not updated: %s", state.run, exc)
 
     async def _connect(self, active: NodeSection) -> Connection:
         channel = self.cluster.channel
