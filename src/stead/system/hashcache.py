@@ -48,8 +48,9 @@ def key_of(st: os.stat_result) -> _Key:
 class HashCache:
     """The digests of one walk's files by path, and those the walk before it left."""
 
-    def __init__(self, path: Path | None = None) -> None:
+    def __init__(self, path: Path | None = None, *, settled_ns: int = SETTLED_NS) -> None:
         self.path = path
+        self.settled_ns = settled_ns
         self.previous: dict[str, tuple[_Key, bytes]] = {}
         self.current: dict[str, tuple[_Key, bytes]] = {}
         self.hits = 0
@@ -69,7 +70,7 @@ class HashCache:
 
     def store(self, path: str, st: os.stat_result, digest: bytes, listed_ns: int) -> None:
         """Keep a digest just computed; ``st`` was taken at or after ``listed_ns``."""
-        if st.st_ctime_ns < listed_ns - SETTLED_NS:
+        if st.st_ctime_ns < listed_ns - self.settled_ns:
             self.current[path] = (key_of(st), digest)
 
     def remember(self, path: str, st: os.stat_result, digest: bytes) -> None:
