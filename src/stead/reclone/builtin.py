@@ -13,6 +13,7 @@ the journal like every other change.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import ssl
@@ -51,11 +52,12 @@ def scope_of(cluster: ClusterConfig) -> Scope:
     )
 
 
-def _item(entry: PathEntry) -> Item | None:
-    try:
-        mtime = os.lstat(entry.path).st_mtime_ns
-    except OSError:
-        return None
+def _item(entry: PathEntry, mtime: int | None) -> Item | None:
+    if mtime is None:
+        try:
+            mtime = os.lstat(entry.path).st_mtime_ns
+        except OSError:
+            return None
     return Item(
         kind=_KINDS.get(entry.kind, "other"),
         mode=entry.mode,
@@ -83,7 +85,7 @@ def collect(scope: Scope, *, serving: bool, cache: Path | None = None) -> dict[s
         if serving and entry.error:
             log.warning("reclone: %s left out: %s", path, entry.error)
             continue
-        item = _item(entry)
+        item = _item(entry, manifest.mtimes.get(path))
         if item is not None:
             items[path] = item
     return items
@@ -197,10 +199,20 @@ class Rebuilder:
         conn = await self._connect(active)
         try:
             fetcher = state.fetcher = Fetcher(conn)
-            source = await fetcher.manifest()
-            state.phase = "plan"
             scope = scope_of(self.cluster)
-            here = await asyncio.to_thread(collect, scope, serving=False, cache=self.cache_path)
+            # Our own walk runs while the active walks its trees: neither waits for the other.
+            walk = asyncio.ensure_future(
+                asyncio.to_thread(collect, scope, serving=False, cache=self.cache_path)
+            )
+            try:
+                source = await fetcher.manifest()
+            except BaseException:
+                walk.cancel()
+                with contextlib.suppress(BaseException):
+                    await walk  # the thread finishes its walk; nothing waits on it after this
+                raise
+            state.phase = "plan"
+            here = await walk
             work = make_plan(
                 state.run,
                 list(scope.trees),

@@ -26,6 +26,7 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import msgpack
 
@@ -51,7 +52,7 @@ class HashCache:
     def __init__(self, path: Path | None = None, *, settled_ns: int = SETTLED_NS) -> None:
         self.path = path
         self.settled_ns = settled_ns
-        self.previous: dict[str, tuple[_Key, bytes]] = {}
+        self.previous: dict[str, Any] = {}  # as loaded: each entry checked when used
         self.current: dict[str, tuple[_Key, bytes]] = {}
         self.hits = 0
         self.misses = 0
@@ -61,10 +62,18 @@ class HashCache:
     def lookup(self, path: str, st: os.stat_result) -> bytes | None:
         """The cached digest of ``path`` if its identity (``lstat`` result) is unchanged."""
         cached = self.previous.get(path)
-        if cached is not None and cached[0] == key_of(st):
-            self.current[path] = cached
-            self.hits += 1
-            return cached[1]
+        if cached is not None:
+            key = key_of(st)
+            # As loaded: [size, mtime_ns, ctime_ns, inode, device, digest]
+            if (
+                isinstance(cached, list | tuple)
+                and len(cached) == 6
+                and tuple(cached[:5]) == key
+                and isinstance(cached[5], bytes)
+            ):
+                self.current[path] = (key, cached[5])
+                self.hits += 1
+                return cached[5]
         self.misses += 1
         return None
 
@@ -81,13 +90,11 @@ class HashCache:
         """Write the cache: the entries met by this walk (and the earlier ones if asked)."""
         if self.path is None:
             return
-        entries = {**self.previous, **self.current} if keep_previous else self.current
+        current = {p: [*k, d] for p, (k, d) in self.current.items()}
+        entries = {**self.previous, **current} if keep_previous else current
         if entries == self.previous:
             return
-        blob = msgpack.packb(
-            {"version": VERSION, "entries": {p: [*k, d] for p, (k, d) in entries.items()}},
-            use_bin_type=True,
-        )
+        blob = msgpack.packb({"version": VERSION, "entries": entries}, use_bin_type=True)
         try:
             with _save_lock:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,7 +103,7 @@ class HashCache:
             log.warning("cannot save the hash cache %s: %s", self.path, exc)
 
 
-def _load(path: Path) -> dict[str, tuple[_Key, bytes]]:
+def _load(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as file:
             blob = file.read(MAX_FILE + 1)
@@ -109,15 +116,10 @@ def _load(path: Path) -> dict[str, tuple[_Key, bytes]]:
         data = msgpack.unpackb(blob, raw=False, strict_map_key=True)
         if not isinstance(data, dict) or data.get("version") != VERSION:
             raise ValueError("not a hash cache of this version")
-        out: dict[str, tuple[_Key, bytes]] = {}
-        for name, entry in data["entries"].items():
-            size, mtime, ctime, ino, dev, digest = entry
-            if not isinstance(name, str) or not isinstance(digest, bytes):
-                raise ValueError(f"malformed entry for {name!r}")
-            if not all(isinstance(n, int) for n in (size, mtime, ctime, ino, dev)):
-                raise ValueError(f"malformed entry for {name!r}")
-            out[name] = ((size, mtime, ctime, ino, dev), digest)
-        return out
+        entries = data["entries"]
+        if not isinstance(entries, dict):
+            raise ValueError("no map of entries")
+        return entries
     except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
         log.warning("hash cache %s is malformed, hashing everything: %s", path, exc)
         return {}

@@ -168,6 +168,8 @@ class SystemManifest:
     preserved: list[str] = field(default_factory=list)  # each node's own: not compared
     skipped: list[str] = field(default_factory=list)  # protected or virtual: not walked
     missing: list[str] = field(default_factory=list)  # configured trees that do not exist
+    # The mtime of each entry as walked (local use, e.g. the reclone's plan; not on the wire).
+    mtimes: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -347,30 +349,36 @@ class _Walk:
                 f"{self.max_entries} paths; exclude some in [system] exclude"
             )
         kind = _kind(st.st_mode)
-        entry = PathEntry(path, kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+        mode = stat.S_IMODE(st.st_mode)
+        # Built whole (no dataclasses.replace): this runs once per path of the trees.
         try:
             if kind == "file":
-                entry = self._file(entry, st, listed)
+                digest, size = self._file(path, st, listed)
+                entry = PathEntry(path, kind, mode, st.st_uid, st.st_gid, size, digest=digest)
             elif kind == "symlink":
-                entry = replace(entry, target=os.readlink(path))
+                entry = PathEntry(path, kind, mode, st.st_uid, st.st_gid, target=os.readlink(path))
             elif kind in ("char", "block"):
-                entry = replace(entry, rdev=st.st_rdev)
+                entry = PathEntry(path, kind, mode, st.st_uid, st.st_gid, rdev=st.st_rdev)
+            else:
+                entry = PathEntry(path, kind, mode, st.st_uid, st.st_gid)
         except OSError as exc:
-            entry = replace(entry, size=st.st_size, error=_reason(exc))
+            entry = PathEntry(
+                path, kind, mode, st.st_uid, st.st_gid, st.st_size, error=_reason(exc)
+            )
         self.manifest.entries[path] = entry
+        self.manifest.mtimes[path] = st.st_mtime_ns
         return entry
 
-    def _file(self, entry: PathEntry, st: os.stat_result, listed: int) -> PathEntry:
+    def _file(self, path: str, st: os.stat_result, listed: int) -> tuple[bytes, int]:
         if self.cache is None:
-            digest, size = self.hash_file(entry.path)
-            return replace(entry, size=size, digest=digest)
-        cached = self.cache.lookup(entry.path, st)
+            return self.hash_file(path)
+        cached = self.cache.lookup(path, st)
         if cached is not None:
-            return replace(entry, size=st.st_size, digest=cached)
-        digest, size = self.hash_file(entry.path)
+            return cached, st.st_size
+        digest, size = self.hash_file(path)
         if size == st.st_size:  # read what was listed (a file still growing is not kept)
-            self.cache.store(entry.path, st, digest, listed)
-        return replace(entry, size=size, digest=digest)
+            self.cache.store(path, st, digest, listed)
+        return digest, size
 
 
 def build_manifest(
