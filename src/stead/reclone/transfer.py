@@ -11,10 +11,11 @@ active answers each request in order:
   answer holds the bytes of each, read with ``O_NOFOLLOW`` from a regular file.
 - ``entry``: a fresh manifest entry for paths whose content changed while they were copied.
 
-The passive keeps ``WINDOW`` requests in flight; a writer thread, fed through a bounded
-queue while the next answers arrive, writes each answer into the staging file named by the
-plan and hashes every file as it is written, checking it against the manifest's hash; a
-file that changed on the active meanwhile is fetched again, up to ``RETRIES`` times.
+The passive keeps ``WINDOW`` requests in flight; ``WRITERS`` writer threads, fed through
+bounded queues while the next answers arrive (each file always to the same one), write each
+answer into the staging file named by the plan and hash every file as it is written,
+checking it against the manifest's hash; a file that changed on the active meanwhile is
+fetched again, up to ``RETRIES`` times.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ log = logging.getLogger(__name__)
 
 BATCH_BYTES = 4 * 1024**2
 WINDOW = 8
-WRITE_QUEUE = 4  # answers received and waiting for the writer (bounds memory with WINDOW)
+WRITERS = 2  # writer threads; a file's chunks always go to the same one
+WRITE_QUEUE = 2  # answers waiting for each writer (bounds memory with WINDOW)
 RETRIES = 3
 MAX_MANIFEST = 1024**3  # decompressed; a manifest is about 100 bytes a path
 REPLY_TIMEOUT = 30.0  # a read answer; a cut link fails the copy (and the staging) after this
@@ -231,11 +233,8 @@ class Fetcher:
         queue: asyncio.Queue[tuple[int, list[tuple[Fetch, int, int]]] | None] = asyncio.Queue(
             WINDOW
         )
-        written: asyncio.Queue[tuple[list[tuple[Fetch, int, int]], list[Any]] | None] = (
-            asyncio.Queue(WRITE_QUEUE)
-        )
+        lanes = [_Lane() for _ in range(WRITERS)]
         changed: list[Fetch] = []
-        staging = Staging()
 
         async def send() -> None:
             for batch in batches:
@@ -253,16 +252,35 @@ class Fetcher:
                 data = body.get("data")
                 if not isinstance(data, list) or len(data) != len(batch):
                     raise ProtocolError("read: the reply does not match the request")
-                await written.put((batch, data))  # bounded: the writer sets the pace
-            await written.put(None)
+                parts: list[tuple[list[tuple[Fetch, int, int]], list[Any]]] = [
+                    ([], []) for _ in lanes
+                ]
+                for piece, chunk in zip(batch, data, strict=True):
+                    part = parts[hash(piece[0].staged) % len(lanes)]  # a file keeps its lane
+                    part[0].append(piece)
+                    part[1].append(chunk)
+                for lane, part in zip(lanes, parts, strict=True):
+                    if part[0]:
+                        await lane.queue.put(part)  # bounded: the writers set the pace
+            for lane in lanes:
+                await lane.queue.put(None)
 
-        async def write() -> None:
-            # One writer, fed in request order: the chunks of a file arrive in offset order,
-            # which the incremental hash needs. It runs beside the receive loop, so the next
-            # answer crosses the link while this one goes to disk.
-            while (entry := await written.get()) is not None:
+        async def write(lane: _Lane) -> None:
+            # Each lane is fed in request order: the chunks of a file (always in one lane)
+            # arrive in offset order, which the incremental hash needs. Lanes run beside the
+            # receive loop and each other, so that one file's metadata waits overlap another's.
+            while (entry := await lane.queue.get()) is not None:
                 batch, data = entry
-                done = await asyncio.to_thread(staging.write_batch, batch, data)
+                job = asyncio.ensure_future(
+                    asyncio.to_thread(lane.staging.write_batch, batch, data)
+                )
+                try:
+                    done = await asyncio.shield(job)
+                except asyncio.CancelledError:
+                    # The thread uses the lane's descriptors until it returns: wait for it.
+                    with contextlib.suppress(Exception):
+                        await job
+                    raise
                 for f, ok in done:
                     self.progress.files_done += 1
                     if not ok:
@@ -273,12 +291,24 @@ class Fetcher:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(send())
                 tasks.create_task(receive())
-                tasks.create_task(write())
+                for lane in lanes:
+                    tasks.create_task(write(lane))
         except BaseExceptionGroup as group:
             raise first_cause(group) from None
         finally:
-            staging.close()
+            for lane in lanes:
+                lane.staging.close()
         return changed
+
+
+class _Lane:
+    """One writer thread's share of the files: its queue of answers and its open files."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[list[tuple[Fetch, int, int]], list[Any]] | None] = (
+            asyncio.Queue(WRITE_QUEUE)
+        )
+        self.staging = Staging()
 
 
 def _batches(files: list[Fetch]) -> Any:
