@@ -128,3 +128,13 @@ def test_an_unreadable_cache_means_hashing_everything(
     assert read == ["a", "b", "c"]
     _, read = _walk(root, _cache(store))  # and it is rewritten whole
     assert read == []
+
+
+def test_a_drift_snapshot_with_the_cache_equals_one_without(root: Path, tmp_path: Path) -> None:
+    from stead.system.snapshot import take_snapshot
+
+    scope = Scope(trees=(str(root),))
+    plain = take_snapshot("n", scope, "none", packages=False)
+    cached = take_snapshot("n", scope, "none", packages=False, cache=tmp_path / "cache")
+    assert cached.manifest is not None and plain.manifest is not None
+    assert cached.manifest.entries == plain.manifest.entries

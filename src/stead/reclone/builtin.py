@@ -32,12 +32,12 @@ from stead.errors import ChannelError, ProtocolError, RecloneError, SteadError
 from stead.reclone.plan import Item, Kind, Work, make_plan
 from stead.reclone.swap import AREA, Swapper
 from stead.reclone.transfer import REPLY_TIMEOUT, Fetcher, Source
+from stead.system import hashcache
 from stead.system.hashcache import HashCache
 from stead.system.manifest import PathEntry, Scope, build_manifest
 
 log = logging.getLogger(__name__)
 
-HASH_CACHE = "hash-cache.msgpack"
 _KINDS: dict[str, Kind] = {"file": "file", "dir": "dir", "symlink": "symlink"}
 
 
@@ -72,7 +72,7 @@ def _item(entry: PathEntry, mtime: int | None) -> Item | None:
 
 def hash_cache_path(state_dir: Path) -> Path:
     """The agent's :class:`HashCache` of its system trees (used as active and as passive)."""
-    return state_dir / HASH_CACHE
+    return state_dir / hashcache.FILE_NAME
 
 
 def collect(scope: Scope, *, serving: bool, cache: Path | None = None) -> dict[str, Item]:

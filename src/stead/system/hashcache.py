@@ -35,6 +35,7 @@ from stead.fsutil import write_atomic
 log = logging.getLogger(__name__)
 
 VERSION = 1
+FILE_NAME = "hash-cache.msgpack"  # in the agent's state directory
 SETTLED_NS = 2 * 10**9  # a ctime this far before the listing cannot still be moving
 MAX_FILE = 1024**3
 
