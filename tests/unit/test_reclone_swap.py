@@ -16,11 +16,12 @@ import pytest
 
 from stead.config.system import PathSet
 from stead.errors import RecloneError
-from stead.reclone.builtin import collect
+from stead.reclone.builtin import collect, remember_swapped
 from stead.reclone.plan import Item, Work, make_plan, tree_of
 from stead.reclone.swap import AREA, Op, Parents, Plan, Swapper, _forward, set_meta
 from stead.reclone.transfer import _make_symlink
-from stead.system.manifest import Scope
+from stead.system.hashcache import HashCache
+from stead.system.manifest import Scope, hash_file
 
 
 def _populate_active(root: Path) -> None:
@@ -275,3 +276,20 @@ def _as_map(op: list[object]) -> dict[str, object]:
         if out[key] is not None:
             out[key] = dict(zip(("mode", "uid", "gid", "mtime_ns"), out[key], strict=True))  # type: ignore[call-overload]
     return out
+
+
+def test_the_files_a_swap_placed_are_remembered_in_the_hash_cache(tmp_path: Path) -> None:
+    active, passive, work = _plan(tmp_path)
+    swapper = Swapper(tmp_path / "state")
+    swapper.begin(work.plan)
+    _stage(active, passive, work)
+    swapper.swap(work.plan)
+    store = tmp_path / "state" / "hash-cache.msgpack"
+    remember_swapped(store, work)
+    cache = HashCache(store)
+    placed = [f.path for f in work.fetch if f.item.kind == "file"]
+    assert placed
+    for path in placed:
+        assert cache.lookup(path, os.lstat(path)) == hash_file(path)[0]
+    Path(placed[0]).write_text("changed after the swap\n")
+    assert cache.lookup(placed[0], os.lstat(placed[0])) is None
