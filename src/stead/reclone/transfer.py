@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 BATCH_BYTES = 4 * 1024**2
 WINDOW = 8
 WRITERS = 2  # writer threads; a file's chunks always go to the same one
+WRITEBACK_FROM = 1024**2  # smaller files are left to the swap's syncfs, in one sweep
 WRITE_QUEUE = 2  # answers waiting for each writer (bounds memory with WINDOW)
 RETRIES = 3
 MAX_MANIFEST = 1024**3  # decompressed; a manifest is about 100 bytes a path
@@ -380,7 +381,7 @@ class Staging:
                 try:
                     os.ftruncate(state.fd, f.item.size)
                     ok = state.intact and state.hasher.hexdigest() == f.item.digest
-                    if ok:
+                    if ok and f.item.size >= WRITEBACK_FROM:
                         _start_writeback(state.fd)
                 finally:
                     os.close(state.fd)
