@@ -7,6 +7,7 @@ channel has its own tests). Crashes are simulated by stopping a swap after some 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -15,11 +16,12 @@ import pytest
 
 from stead.config.system import PathSet
 from stead.errors import RecloneError
-from stead.reclone.builtin import collect
+from stead.reclone.builtin import collect, remember_swapped
 from stead.reclone.plan import Item, Work, make_plan, tree_of
-from stead.reclone.swap import AREA, Swapper, _forward, set_meta
+from stead.reclone.swap import AREA, Op, Parents, Plan, Swapper, _forward, set_meta
 from stead.reclone.transfer import _make_symlink
-from stead.system.manifest import Scope
+from stead.system.hashcache import HashCache
+from stead.system.manifest import Scope, hash_file
 
 
 def _populate_active(root: Path) -> None:
@@ -219,3 +221,75 @@ def test_a_second_reclone_keeps_its_own_generation(tmp_path: Path) -> None:
     assert not (passive / AREA / "gen-r1").exists()
     swapper.rollback()
     assert _snapshot(passive) == after_first
+
+
+def test_the_parent_check_refuses_every_path_under_a_symlinked_directory(tmp_path: Path) -> None:
+    """Checked once per directory in a swap, a symlinked parent still stops each operation."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    tree = tmp_path / "t"
+    (tree / "real").mkdir(parents=True)
+    (tree / "real" / "sub").symlink_to(outside)
+    item = Item("file", 0o644, os.getuid(), os.getgid(), 2, 0, "")
+    source = {f"{tree}/real/sub/{name}": item for name in ("a", "b", "c")}
+    source[f"{tree}/real/ok"] = item
+    work = make_plan("r", [str(tree)], source, {}, PathSet([]))
+    swapper = Swapper(tmp_path / "state")
+    swapper.begin(work.plan)
+    for fetch in work.fetch:
+        Path(fetch.staged).write_text("x\n")
+    swapper.swap(work.plan)
+    assert list(outside.iterdir()) == []
+    assert (tree / "real" / "ok").read_text() == "x\n"
+
+
+def test_a_directory_known_good_is_checked_again_once_an_operation_replaces_it(
+    tmp_path: Path,
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    tree = tmp_path / "t"
+    (tree / "sub").mkdir(parents=True)
+    parents = Parents()
+    first = Op("file", str(tree), f"{tree}/sub/a")
+    assert parents.inside(first)
+    (tree / "sub").rmdir()
+    (tree / "sub").symlink_to(outside)  # what an operation on the directory itself may do
+    parents.changed(f"{tree}/sub")
+    assert not parents.inside(Op("file", str(tree), f"{tree}/sub/b"))
+    assert not parents.inside(Op("file", str(tree), f"{tree}/sub/deeper/c"))
+    assert not Parents().inside(Op("file", str(tree), "/elsewhere/x"))
+
+
+def test_a_plan_round_trips_through_its_intent(tmp_path: Path) -> None:
+    _, _, work = _plan(tmp_path)
+    data = json.loads(json.dumps(work.plan.to_json("swapping")))
+    assert Plan.from_json(data) == work.plan
+    old_style = {**data, "ops": [_as_map(op) for op in data["ops"]]}  # an earlier version's
+    assert Plan.from_json(old_style) == work.plan
+
+
+def _as_map(op: list[object]) -> dict[str, object]:
+    names = ("kind", "tree", "path", "staged", "saved", "meta", "before", "existed")
+    out = dict(zip(names, op, strict=True))
+    for key in ("meta", "before"):
+        if out[key] is not None:
+            out[key] = dict(zip(("mode", "uid", "gid", "mtime_ns"), out[key], strict=True))  # type: ignore[call-overload]
+    return out
+
+
+def test_the_files_a_swap_placed_are_remembered_in_the_hash_cache(tmp_path: Path) -> None:
+    active, passive, work = _plan(tmp_path)
+    swapper = Swapper(tmp_path / "state")
+    swapper.begin(work.plan)
+    _stage(active, passive, work)
+    swapper.swap(work.plan)
+    store = tmp_path / "state" / "hash-cache.msgpack"
+    remember_swapped(store, work)
+    cache = HashCache(store)
+    placed = [f.path for f in work.fetch if f.item.kind == "file"]
+    assert placed
+    for path in placed:
+        assert cache.lookup(path, os.lstat(path)) == hash_file(path)[0]
+    Path(placed[0]).write_text("changed after the swap\n")
+    assert cache.lookup(placed[0], os.lstat(placed[0])) is None

@@ -37,6 +37,7 @@ HISTORY_KEY = "reclone_history"
 HISTORY_MAX = 200
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 POLL = 0.5
+STATUS_POLL = 0.1  # the passive's progress: a reclone's end is seen within this
 SHARE_SCHEDULES = 30.0  # seconds between two hand-overs of the schedules to the passives
 RESTART_GRACE = 90.0  # a node that stops answering this long failed (its copy gives up at 30 s)
 
@@ -130,7 +131,7 @@ class Reclones(AgentBase):
             return
         await conn.send(self._reclone_hello())
         log.info("serving a reclone of %s", hello.node)
-        await source_for(self.cluster).serve(conn)
+        await source_for(self.cluster, self.state_dir).serve(conn)
 
     def reclone_history(self) -> list[dict[str, Any]]:
         history = self.store.get(HISTORY_KEY, [])
@@ -345,7 +346,7 @@ class Reclones(AgentBase):
         await self.membership.request(name, "reclone-start", body, timeout=10)
         silent_since: float | None = None
         while True:
-            await asyncio.sleep(POLL)
+            await asyncio.sleep(STATUS_POLL)
             try:
                 status = await self.membership.request(name, "reclone-status", {}, timeout=10)
             except ChannelError as exc:

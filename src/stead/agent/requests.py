@@ -14,6 +14,7 @@ from stead.agent.base import AgentBase
 from stead.agent.jobs import Job
 from stead.errors import SteadError, TimeoutExpired, UsageError
 from stead.replication import check
+from stead.system import hashcache
 from stead.system.drift import run_drift
 from stead.system.manifest import Scope
 from stead.system.snapshot import SNAPSHOT_REQUEST, Ask, Snapshot, take_snapshot
@@ -72,7 +73,13 @@ class OperatorRequests(AgentBase):
         async def local(trees: bool, packages: bool) -> Snapshot:
             scope = Scope.from_config(self.cluster)
             return await asyncio.to_thread(
-                take_snapshot, self.me, scope, system.packages, trees=trees, packages=packages
+                take_snapshot,
+                self.me,
+                scope,
+                system.packages,
+                trees=trees,
+                packages=packages,
+                cache=self.state_dir / hashcache.FILE_NAME,
             )
 
         def ask(name: str) -> Ask:

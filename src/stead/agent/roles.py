@@ -39,6 +39,7 @@ from stead.replication.receiver import (
     WROTE_KEY,
 )
 from stead.services.manager import ServiceManager
+from stead.system import hashcache
 from stead.system.manifest import Scope
 from stead.system.snapshot import SNAPSHOT_REQUEST, SnapshotPages
 
@@ -83,7 +84,10 @@ class RoleChanges(AgentBase):
         )
         self._monitor: asyncio.Task[None] | None = None
         self.system_pages = SnapshotPages(
-            self.me, Scope.from_config(self.cluster), self.cluster.system.packages
+            self.me,
+            Scope.from_config(self.cluster),
+            self.cluster.system.packages,
+            cache=self.state_dir / hashcache.FILE_NAME,
         )
 
     # ---- positions ---------------------------------------------------------------------

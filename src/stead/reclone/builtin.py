@@ -13,9 +13,11 @@ the journal like every other change.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import ssl
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +32,8 @@ from stead.errors import ChannelError, ProtocolError, RecloneError, SteadError
 from stead.reclone.plan import Item, Kind, Work, make_plan
 from stead.reclone.swap import AREA, Swapper
 from stead.reclone.transfer import REPLY_TIMEOUT, Fetcher, Source
+from stead.system import hashcache
+from stead.system.hashcache import HashCache
 from stead.system.manifest import PathEntry, Scope, build_manifest
 
 log = logging.getLogger(__name__)
@@ -48,11 +52,12 @@ def scope_of(cluster: ClusterConfig) -> Scope:
     )
 
 
-def _item(entry: PathEntry) -> Item | None:
-    try:
-        mtime = os.lstat(entry.path).st_mtime_ns
-    except OSError:
-        return None
+def _item(entry: PathEntry, mtime: int | None) -> Item | None:
+    if mtime is None:
+        try:
+            mtime = os.lstat(entry.path).st_mtime_ns
+        except OSError:
+            return None
     return Item(
         kind=_KINDS.get(entry.kind, "other"),
         mode=entry.mode,
@@ -65,24 +70,50 @@ def _item(entry: PathEntry) -> Item | None:
     )
 
 
-def collect(scope: Scope, *, serving: bool) -> dict[str, Item]:
+def hash_cache_path(state_dir: Path) -> Path:
+    """The agent's :class:`HashCache` of its system trees (used as active and as passive)."""
+    return state_dir / hashcache.FILE_NAME
+
+
+def collect(scope: Scope, *, serving: bool, cache: Path | None = None) -> dict[str, Item]:
     """Items of every path of the trees (blocking). Serving (the active), a path it cannot
-    read is left out, so that it is neither copied nor deleted on the passive."""
-    manifest = build_manifest(scope)
+    read is left out, so that it is neither copied nor deleted on the passive. With a
+    ``cache`` file, only files changed since the last walk are read."""
+    manifest = build_manifest(scope, cache=HashCache(cache) if cache is not None else None)
     items = {}
     for path, entry in manifest.entries.items():
         if serving and entry.error:
             log.warning("reclone: %s left out: %s", path, entry.error)
             continue
-        item = _item(entry)
+        item = _item(entry, manifest.mtimes.get(path))
         if item is not None:
             items[path] = item
     return items
 
 
-def source_for(cluster: ClusterConfig) -> Source:
+def source_for(cluster: ClusterConfig, state_dir: Path | None = None) -> Source:
     scope = scope_of(cluster)
-    return Source(lambda: collect(scope, serving=True))
+    cache = hash_cache_path(state_dir) if state_dir is not None else None
+    return Source(lambda: collect(scope, serving=True, cache=cache))
+
+
+def remember_swapped(cache_path: Path, work: Work) -> None:
+    """Record the digests of the files a swap just put in place (verified while staged),
+    so that the next walk need not read them again (blocking)."""
+    cache = HashCache(cache_path)
+    for f in work.fetch:
+        if f.item.kind != "file" or not f.item.digest:
+            continue
+        try:
+            st = os.lstat(f.path)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (
+            f.item.size,
+            f.item.mtime_ns,
+        ):
+            cache.remember(f.path, st, bytes.fromhex(f.item.digest))
+    cache.save(keep_previous=True)
 
 
 @dataclass
@@ -126,6 +157,7 @@ class Rebuilder:
         self.me = me
         self.cluster = cluster
         self.swapper = Swapper(state_dir / "reclone")
+        self.cache_path = hash_cache_path(state_dir)
         self.ssl_context = ssl_context
         self.hello = hello
         self.state = RunState()
@@ -167,10 +199,20 @@ class Rebuilder:
         conn = await self._connect(active)
         try:
             fetcher = state.fetcher = Fetcher(conn)
-            source = await fetcher.manifest()
-            state.phase = "plan"
             scope = scope_of(self.cluster)
-            here = await asyncio.to_thread(collect, scope, serving=False)
+            # Our own walk runs while the active walks its trees: neither waits for the other.
+            walk = asyncio.ensure_future(
+                asyncio.to_thread(collect, scope, serving=False, cache=self.cache_path)
+            )
+            try:
+                source = await fetcher.manifest()
+            except BaseException:
+                walk.cancel()
+                with contextlib.suppress(BaseException):
+                    await walk  # the thread finishes its walk; nothing waits on it after this
+                raise
+            state.phase = "plan"
+            here = await walk
             work = make_plan(
                 state.run,
                 list(scope.trees),
@@ -198,6 +240,10 @@ class Rebuilder:
         state.phase = "swap"
         # Shielded: once the intent says "swapping", finishing is the only way out.
         await asyncio.shield(asyncio.to_thread(self.swapper.swap, work.plan))
+        try:
+            await asyncio.to_thread(remember_swapped, self.cache_path, work)
+        except OSError as exc:  # a cache: the reclone is done without it
+            log.warning("reclone %s: hash cache not updated: %s", state.run, exc)
 
     async def _connect(self, active: NodeSection) -> Connection:
         channel = self.cluster.channel

@@ -26,13 +26,15 @@ Preserved paths never appear in a plan: the planner leaves them out.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import os
 import shutil
 import stat
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,16 +81,40 @@ class Op:
     before: Meta | None = None
     existed: bool = False
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_json(self) -> list[Any]:
+        """A flat list: a plan of 50,000 operations serialises in a fraction of a second."""
+        meta = self.meta
+        before = self.before
+        return [
+            self.kind,
+            self.tree,
+            self.path,
+            self.staged,
+            self.saved,
+            None if meta is None else [meta.mode, meta.uid, meta.gid, meta.mtime_ns],
+            None if before is None else [before.mode, before.uid, before.gid, before.mtime_ns],
+            self.existed,
+        ]
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Op:
-        data = dict(data)
-        for key in ("meta", "before"):
-            if data.get(key) is not None:
-                data[key] = Meta(**data[key])
-        return cls(**data)
+    def from_json(cls, data: list[Any] | dict[str, Any]) -> Op:
+        if isinstance(data, dict):  # written by an earlier version: one map per operation
+            data = dict(data)
+            for key in ("meta", "before"):
+                if data.get(key) is not None:
+                    data[key] = Meta(**data[key])
+            return cls(**data)
+        kind, tree, path, staged, saved, meta, before, existed = data
+        return cls(
+            kind,
+            tree,
+            path,
+            staged,
+            saved,
+            None if meta is None else Meta(*meta),
+            None if before is None else Meta(*before),
+            bool(existed),
+        )
 
 
 @dataclass(slots=True)
@@ -152,8 +178,47 @@ def set_meta(path: str, meta: Meta, *, symlink: bool = False) -> None:
     os.utime(path, ns=(meta.mtime_ns, meta.mtime_ns), follow_symlinks=False)
 
 
-def _sync() -> None:
-    os.sync()  # renames in several trees, possibly on several file systems
+def _load_syncfs() -> Callable[[int], int] | None:
+    """``syncfs(2)`` from libc: flush only the file systems a swap touched."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        syncfs = libc.syncfs
+    except (OSError, AttributeError):
+        log.warning("syncfs is not available: reclone swaps fall back to sync")
+        return None
+    syncfs.argtypes = [ctypes.c_int]
+    syncfs.restype = ctypes.c_int
+    return syncfs
+
+
+_SYNCFS = _load_syncfs()
+
+
+def _sync(paths: Iterable[str]) -> None:
+    """Make durable what was written under ``paths``: one ``syncfs`` per file system.
+
+    ``paths`` name a directory on each file system touched (a swap renames within one file
+    system, but a tree may hold mount points: meta operations reach them too).
+    """
+    if _SYNCFS is None:
+        os.sync()
+        return
+    seen: set[int] = set()
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            dev = os.fstat(fd).st_dev
+            if dev in seen:
+                continue
+            seen.add(dev)
+            if _SYNCFS(fd) != 0:
+                code = ctypes.get_errno()
+                raise OSError(code, f"syncfs {path}: {os.strerror(code)}")
+        finally:
+            os.close(fd)
 
 
 class Swapper:
@@ -196,17 +261,20 @@ class Swapper:
 
     def swap(self, plan: Plan) -> None:
         """Phase ``swapping``, then ``done``: the staged copy is in place."""
-        _sync()  # staged data durable before the intent says it may be used
+        # Staged data durable before the intent says it may be used (the fetcher started its
+        # write-back as each file completed, so little is left to flush here).
+        _sync(str(stage_dir(tree, plan.run)) for tree in plan.trees)
         self._write(self.intent_path, plan.to_json("swapping"))
         self._roll_forward(plan)
 
     def _roll_forward(self, plan: Plan) -> None:
+        parents = Parents()
         for op in plan.ops:
-            _forward(op)
+            _forward(op, parents)
         for op in reversed(plan.ops):  # directories last and deepest first: children touch them
             if op.kind in ("dir", "meta") and op.meta is not None and os.path.isdir(op.path):
                 set_meta(op.path, op.meta)
-        _sync()
+        _sync([*plan.trees, *parents.devices.values()])
         previous = self.generation()
         self._write(self.generation_path, plan.to_json("done"))
         self.intent_path.unlink(missing_ok=True)
@@ -255,7 +323,7 @@ class Swapper:
             raise RecloneError(f"the originals of reclone {plan.run} were deleted")
         for op in reversed(plan.ops):
             _backward(op)
-        _sync()
+        _sync([*plan.trees, *{os.path.dirname(op.path) for op in plan.ops}])
         self._drop(plan)
         return plan
 
@@ -276,20 +344,62 @@ class Swapper:
             self.generation_path.unlink(missing_ok=True)
 
 
+class Parents:
+    """Directories found to be the tree's own during one pass over a plan.
+
+    An operation may only rename in a directory reached from its tree without a symlink. A
+    directory is checked once (one ``lstat``, its parent being checked the same way) instead
+    of resolving every operation's whole path. Plans run parents first (:func:`plan_order`),
+    so a directory's own operation comes before any check of its children; an operation
+    that replaces or removes a path also drops it from what is known. The device of each
+    directory is kept, for the final ``syncfs``.
+    """
+
+    __slots__ = ("devices", "verified")
+
+    def __init__(self) -> None:
+        self.verified: set[str] = set()
+        self.devices: dict[int, str] = {}  # st_dev -> a directory on that file system
+
+    def inside(self, op: Op) -> bool:
+        """The directory ``op`` renames in is the tree's own, not a symlink's target."""
+        if op.path == op.tree:
+            return True
+        if not op.path.startswith(op.tree.rstrip("/") + "/"):
+            return False
+        return self._dir_inside(os.path.dirname(op.path), op.tree)
+
+    def _dir_inside(self, directory: str, tree: str) -> bool:
+        if directory == tree or directory in self.verified:
+            return True
+        if not self._dir_inside(os.path.dirname(directory), tree):
+            return False
+        try:
+            st = os.lstat(directory)
+        except FileNotFoundError:
+            return True  # nothing there to write through; the operation finds it missing
+        if not stat.S_ISDIR(st.st_mode):  # lstat: a symlink to a directory is refused
+            return False
+        self.verified.add(directory)
+        self.devices.setdefault(st.st_dev, directory)
+        return True
+
+    def changed(self, path: str) -> None:
+        self.verified.discard(path)
+
+
 def _parent_is_inside(op: Op) -> bool:
     """The directory an operation renames in must be the tree's own, not a symlink's target."""
-    if op.path == op.tree:
-        return True
-    parent = os.path.dirname(op.path)
-    rel = os.path.relpath(parent, op.tree)
-    real_tree = os.path.realpath(op.tree)
-    expected = real_tree if rel == "." else os.path.join(real_tree, rel)
-    return not rel.startswith("..") and os.path.realpath(parent) == expected
+    return Parents().inside(op)
 
 
-def _forward(op: Op) -> None:
+def _forward(op: Op, parents: Parents | None = None) -> None:
     """One operation, safe to repeat after any interruption."""
-    if not _parent_is_inside(op):
+    if parents is None:
+        parents = Parents()
+    if op.kind != "meta":
+        parents.changed(op.path)
+    if not parents.inside(op):
         # Never write through a symlink out of the tree; the rest of the swap goes on.
         log.error("reclone: %s not swapped: a directory on the way leaves %s", op.path, op.tree)
         return

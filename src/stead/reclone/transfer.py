@@ -11,15 +11,19 @@ active answers each request in order:
   answer holds the bytes of each, read with ``O_NOFOLLOW`` from a regular file.
 - ``entry``: a fresh manifest entry for paths whose content changed while they were copied.
 
-The passive keeps ``WINDOW`` requests in flight, writes each answer into the staging file
-named by the plan, and checks every file against the manifest's hash; a file that changed
-on the active meanwhile is fetched again, up to ``RETRIES`` times.
+The passive keeps ``WINDOW`` requests in flight; ``WRITERS`` writer threads, fed through
+bounded queues while the next answers arrive (each file always to the same one), write each
+answer into the staging file named by the plan and hash every file as it is written,
+checking it against the manifest's hash; a file that changed on the active meanwhile is
+fetched again, up to ``RETRIES`` times.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import itertools
 import logging
 import os
@@ -44,6 +48,9 @@ log = logging.getLogger(__name__)
 
 BATCH_BYTES = 4 * 1024**2
 WINDOW = 8
+WRITERS = 2  # writer threads; a file's chunks always go to the same one
+WRITEBACK_FROM = 1024**2  # smaller files are left to the swap's syncfs, in one sweep
+WRITE_QUEUE = 2  # answers waiting for each writer (bounds memory with WINDOW)
 RETRIES = 3
 MAX_MANIFEST = 1024**3  # decompressed; a manifest is about 100 bytes a path
 REPLY_TIMEOUT = 30.0  # a read answer; a cut link fails the copy (and the staging) after this
@@ -227,8 +234,8 @@ class Fetcher:
         queue: asyncio.Queue[tuple[int, list[tuple[Fetch, int, int]]] | None] = asyncio.Queue(
             WINDOW
         )
+        lanes = [_Lane() for _ in range(WRITERS)]
         changed: list[Fetch] = []
-        writers: dict[str, int] = {}
 
         async def send() -> None:
             for batch in batches:
@@ -246,7 +253,35 @@ class Fetcher:
                 data = body.get("data")
                 if not isinstance(data, list) or len(data) != len(batch):
                     raise ProtocolError("read: the reply does not match the request")
-                done = await asyncio.to_thread(_write_batch, batch, data, writers)
+                parts: list[tuple[list[tuple[Fetch, int, int]], list[Any]]] = [
+                    ([], []) for _ in lanes
+                ]
+                for piece, chunk in zip(batch, data, strict=True):
+                    part = parts[hash(piece[0].staged) % len(lanes)]  # a file keeps its lane
+                    part[0].append(piece)
+                    part[1].append(chunk)
+                for lane, part in zip(lanes, parts, strict=True):
+                    if part[0]:
+                        await lane.queue.put(part)  # bounded: the writers set the pace
+            for lane in lanes:
+                await lane.queue.put(None)
+
+        async def write(lane: _Lane) -> None:
+            # Each lane is fed in request order: the chunks of a file (always in one lane)
+            # arrive in offset order, which the incremental hash needs. Lanes run beside the
+            # receive loop and each other, so that one file's metadata waits overlap another's.
+            while (entry := await lane.queue.get()) is not None:
+                batch, data = entry
+                job = asyncio.ensure_future(
+                    asyncio.to_thread(lane.staging.write_batch, batch, data)
+                )
+                try:
+                    done = await asyncio.shield(job)
+                except asyncio.CancelledError:
+                    # The thread uses the lane's descriptors until it returns: wait for it.
+                    with contextlib.suppress(Exception):
+                        await job
+                    raise
                 for f, ok in done:
                     self.progress.files_done += 1
                     if not ok:
@@ -257,13 +292,24 @@ class Fetcher:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(send())
                 tasks.create_task(receive())
+                for lane in lanes:
+                    tasks.create_task(write(lane))
         except BaseExceptionGroup as group:
             raise first_cause(group) from None
         finally:
-            for fd in writers.values():
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            for lane in lanes:
+                lane.staging.close()
         return changed
+
+
+class _Lane:
+    """One writer thread's share of the files: its queue of answers and its open files."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[list[tuple[Fetch, int, int]], list[Any]] | None] = (
+            asyncio.Queue(WRITE_QUEUE)
+        )
+        self.staging = Staging()
 
 
 def _batches(files: list[Fetch]) -> Any:
@@ -286,40 +332,90 @@ def _batches(files: list[Fetch]) -> Any:
         yield batch
 
 
-def _write_batch(
-    batch: list[tuple[Fetch, int, int]], data: list[Any], writers: dict[str, int]
-) -> list[tuple[Fetch, bool]]:
-    """Write one answer; returns the files it completed and whether each matched its hash."""
-    done = []
-    for (f, offset, length), chunk in zip(batch, data, strict=True):
-        if not isinstance(chunk, bytes) or len(chunk) > length:
-            raise ProtocolError(f"read: bad data for {f.path}")
-        fd = writers.get(f.staged)
-        if fd is None:
-            flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-            fd = writers[f.staged] = os.open(f.staged, flags, 0o600)
-        if chunk:
-            os.pwrite(fd, chunk, offset)
-        if offset + length >= f.item.size:
-            del writers[f.staged]
-            try:
-                os.ftruncate(fd, f.item.size)
-                ok = _digest_fd(fd) == f.item.digest
-            finally:
-                os.close(fd)
-            if ok:
-                set_meta(f.staged, f.item.meta)
-            done.append((f, ok))
-    return done
+class _Open:
+    """A staging file being written: its descriptor and the hash of what was written."""
+
+    __slots__ = ("fd", "hasher", "intact", "offset")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.hasher = blake3.blake3()
+        self.offset = 0  # the next offset expected
+        self.intact = True  # every chunk so far came whole and in order
 
 
-def _digest_fd(fd: int) -> str:
-    hasher = blake3.blake3()
-    offset = 0
-    while chunk := os.pread(fd, 1024**2, offset):
-        hasher.update(chunk)
-        offset += len(chunk)
-    return hasher.hexdigest()
+class Staging:
+    """Writes answers into staging files and hashes each file as its chunks are written.
+
+    Chunks of one file must come in offset order (one writer, batches in request order); the
+    hash fed with them is then exactly the hash of the staged file. A short or out-of-order
+    chunk (the file changed on the active) makes the file fail its check, as a re-read
+    would. As each file completes, its write-back is started (``sync_file_range``), so that
+    the swap's ``syncfs`` finds little left to flush.
+    """
+
+    def __init__(self) -> None:
+        self.files: dict[str, _Open] = {}
+
+    def write_batch(
+        self, batch: list[tuple[Fetch, int, int]], data: list[Any]
+    ) -> list[tuple[Fetch, bool]]:
+        """Write one answer; returns the files it completed and whether each matched."""
+        done = []
+        for (f, offset, length), chunk in zip(batch, data, strict=True):
+            if not isinstance(chunk, bytes) or len(chunk) > length:
+                raise ProtocolError(f"read: bad data for {f.path}")
+            state = self.files.get(f.staged)
+            if state is None:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+                state = self.files[f.staged] = _Open(os.open(f.staged, flags, 0o600))
+            if chunk:
+                os.pwrite(state.fd, chunk, offset)
+            if offset != state.offset or len(chunk) != length:
+                state.intact = False
+            elif chunk:
+                state.hasher.update(chunk)
+            state.offset = offset + len(chunk)
+            if offset + length >= f.item.size:
+                del self.files[f.staged]
+                try:
+                    os.ftruncate(state.fd, f.item.size)
+                    ok = state.intact and state.hasher.hexdigest() == f.item.digest
+                    if ok and f.item.size >= WRITEBACK_FROM:
+                        _start_writeback(state.fd)
+                finally:
+                    os.close(state.fd)
+                if ok:
+                    set_meta(f.staged, f.item.meta)
+                done.append((f, ok))
+        return done
+
+    def close(self) -> None:
+        for state in self.files.values():
+            with contextlib.suppress(OSError):
+                os.close(state.fd)
+        self.files.clear()
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        function = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int) -> None:
+    """Start writing a completed file out, without waiting (durability is the swap's job)."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 def _make_symlink(f: Fetch) -> None:

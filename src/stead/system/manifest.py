@@ -19,7 +19,8 @@ escapes and maps back to its bytes exactly.
 
 The walk is bounded (:data:`MAX_ENTRIES`) and blocking: run it in a thread from asyncio.
 It reads every regular file once (a few thousand files of ``/etc`` take well under a
-second); nothing is written.
+second), or only the changed ones given a :class:`~stead.system.hashcache.HashCache`; the
+trees are never written.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -35,6 +37,7 @@ import blake3
 
 from stead.config.system import PathSet
 from stead.errors import ProtocolError, UsageError
+from stead.system.hashcache import HashCache
 
 if TYPE_CHECKING:
     from stead.config.schema import ClusterConfig
@@ -165,6 +168,8 @@ class SystemManifest:
     preserved: list[str] = field(default_factory=list)  # each node's own: not compared
     skipped: list[str] = field(default_factory=list)  # protected or virtual: not walked
     missing: list[str] = field(default_factory=list)  # configured trees that do not exist
+    # The mtime of each entry as walked (local use, e.g. the reclone's plan; not on the wire).
+    mtimes: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -269,8 +274,14 @@ def _under(path: str, roots: Iterable[str]) -> bool:
 
 class _Walk:
     def __init__(
-        self, scope: Scope, hash_file: HashFile, max_entries: int, virtual: frozenset[str]
+        self,
+        scope: Scope,
+        hash_file: HashFile,
+        max_entries: int,
+        virtual: frozenset[str],
+        cache: HashCache | None,
     ) -> None:
+        self.cache = cache
         self.excluded = PathSet(list(scope.exclude))
         self.preserved = PathSet(list(scope.preserve))
         self.skip = tuple(os.path.normpath(p) for p in scope.skip)
@@ -282,6 +293,7 @@ class _Walk:
 
     def run(self) -> SystemManifest:
         for tree in self.trees:
+            listed = time.time_ns()
             try:
                 st = os.lstat(tree)
             except FileNotFoundError:
@@ -290,24 +302,27 @@ class _Walk:
             except OSError as exc:
                 self.manifest.entries[tree] = PathEntry(tree, "dir", 0, 0, 0, error=_reason(exc))
                 continue
-            self._tree(tree, st)
+            self._tree(tree, st, listed)
         return self.manifest
 
-    def _tree(self, tree: str, st: os.stat_result) -> None:
-        pending: list[tuple[str, os.stat_result]] = [(tree, st)]
+    def _tree(self, tree: str, st: os.stat_result, listed: int) -> None:
+        # Each path with its lstat and when it was listed (for the hash cache's settling).
+        pending: list[tuple[str, os.stat_result, int]] = [(tree, st, listed)]
         while pending:
-            path, st = pending.pop()
+            path, st, listed = pending.pop()
             if not self._keep(path):
                 continue
-            entry = self._record(path, st)
+            entry = self._record(path, st, listed)
             if entry.kind != "dir" or entry.error:
                 continue
-            children: list[tuple[str, os.stat_result]] = []
+            children: list[tuple[str, os.stat_result, int]] = []
+            listed = time.time_ns()
             try:
                 with os.scandir(path) as listing:
                     for child in listing:
                         try:
-                            children.append((child.path, child.stat(follow_symlinks=False)))
+                            found = child.stat(follow_symlinks=False)
+                            children.append((child.path, found, listed))
                         except FileNotFoundError:
                             continue  # gone since it was listed: as if never there
             except OSError as exc:
@@ -327,26 +342,43 @@ class _Walk:
             return False
         return True
 
-    def _record(self, path: str, st: os.stat_result) -> PathEntry:
+    def _record(self, path: str, st: os.stat_result, listed: int) -> PathEntry:
         if len(self.manifest.entries) >= self.max_entries:
             raise UsageError(
                 f"the system trees ({', '.join(self.trees)}) hold more than "
                 f"{self.max_entries} paths; exclude some in [system] exclude"
             )
         kind = _kind(st.st_mode)
-        entry = PathEntry(path, kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+        mode = stat.S_IMODE(st.st_mode)
+        # Built whole (no dataclasses.replace): this runs once per path of the trees.
         try:
             if kind == "file":
-                digest, size = self.hash_file(path)
-                entry = replace(entry, size=size, digest=digest)
+                digest, size = self._file(path, st, listed)
+                entry = PathEntry(path, kind, mode, st.st_uid, st.st_gid, size, digest=digest)
             elif kind == "symlink":
-                entry = replace(entry, target=os.readlink(path))
+                entry = PathEntry(path, kind, mode, st.st_uid, st.st_gid, target=os.readlink(path))
             elif kind in ("char", "block"):
-                entry = replace(entry, rdev=st.st_rdev)
+                entry = PathEntry(path, kind, mode, st.st_uid, st.st_gid, rdev=st.st_rdev)
+            else:
+                entry = PathEntry(path, kind, mode, st.st_uid, st.st_gid)
         except OSError as exc:
-            entry = replace(entry, size=st.st_size, error=_reason(exc))
+            entry = PathEntry(
+                path, kind, mode, st.st_uid, st.st_gid, st.st_size, error=_reason(exc)
+            )
         self.manifest.entries[path] = entry
+        self.manifest.mtimes[path] = st.st_mtime_ns
         return entry
+
+    def _file(self, path: str, st: os.stat_result, listed: int) -> tuple[bytes, int]:
+        if self.cache is None:
+            return self.hash_file(path)
+        cached = self.cache.lookup(path, st)
+        if cached is not None:
+            return cached, st.st_size
+        digest, size = self.hash_file(path)
+        if size == st.st_size:  # read what was listed (a file still growing is not kept)
+            self.cache.store(path, st, digest, listed)
+        return digest, size
 
 
 def build_manifest(
@@ -355,14 +387,20 @@ def build_manifest(
     hash_file: HashFile = hash_file,
     max_entries: int = MAX_ENTRIES,
     virtual: frozenset[str] | None = None,
+    cache: HashCache | None = None,
 ) -> SystemManifest:
     """Walk the trees of ``scope`` into a :class:`SystemManifest` (blocking).
 
     ``hash_file`` reads one regular file (the default reads it with BLAKE3; tests inject
     faults through it); ``virtual`` lists the mount points never walked (default: this
     mount namespace's virtual file systems). Raises :class:`UsageError` past
-    ``max_entries`` paths.
+    ``max_entries`` paths. With a ``cache`` (:class:`~stead.system.hashcache.HashCache`),
+    a file whose size, mtime, ctime, inode and device are those it was hashed with is not
+    read again; the cache is saved with what this walk met.
     """
     if virtual is None:
         virtual = virtual_mounts()
-    return _Walk(scope, hash_file, max_entries, virtual).run()
+    manifest = _Walk(scope, hash_file, max_entries, virtual, cache).run()
+    if cache is not None:
+        cache.save()
+    return manifest

@@ -24,6 +24,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import blake3
@@ -31,6 +32,7 @@ import zstandard
 
 from stead.channel.framing import FLAG_ZSTD, decode_payload, pack
 from stead.errors import ProtocolError, SteadError, UsageError
+from stead.system.hashcache import HashCache
 from stead.system.manifest import Scope, SystemManifest, build_manifest
 from stead.system.packages import list_packages
 
@@ -94,12 +96,20 @@ class Snapshot:
 
 
 def take_snapshot(
-    node: str, scope: Scope, packages_mode: str, *, trees: bool = True, packages: bool = True
+    node: str,
+    scope: Scope,
+    packages_mode: str,
+    *,
+    trees: bool = True,
+    packages: bool = True,
+    cache: Path | None = None,
 ) -> Snapshot:
-    """This node's snapshot (blocking: it walks the trees and runs the package manager)."""
+    """This node's snapshot (blocking: it walks the trees and runs the package manager).
+    With ``cache`` (a :class:`HashCache` file), unchanged files are not read again."""
     started = time.monotonic()
     manager, installed = list_packages(packages_mode) if packages else ("", None)
-    manifest = build_manifest(scope) if trees else None
+    hashes = HashCache(cache) if cache is not None else None
+    manifest = build_manifest(scope, cache=hashes) if trees else None
     return Snapshot(
         node=node,
         scope=scope.describe(),
@@ -146,7 +156,9 @@ class SnapshotPages:
         *,
         page_bytes: int = PAGE_BYTES,
         clock: Callable[[], float] = time.monotonic,
+        cache: Path | None = None,
     ) -> None:
+        self.cache = cache
         self.node = node
         self.scope = scope
         self.packages_mode = packages_mode
@@ -181,7 +193,12 @@ class SnapshotPages:
     def take(self, trees: bool, packages: bool) -> Snapshot:
         """This node's snapshot (blocking: runs in a worker thread)."""
         return take_snapshot(
-            self.node, self.scope, self.packages_mode, trees=trees, packages=packages
+            self.node,
+            self.scope,
+            self.packages_mode,
+            trees=trees,
+            packages=packages,
+            cache=self.cache,
         )
 
     def _keep(self, token: str, blob: bytes) -> None:
