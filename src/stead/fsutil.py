@@ -1,10 +1,31 @@
-"""Durable file replacement, shared by every writer of small files (keys, configuration)."""
+"""Durability helpers: atomic replacement of small files (keys, configuration), and
+``syncfs(2)`` for writers that flush whole file systems (the applier, reclone swaps)."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def load_syncfs() -> Callable[[int], int] | None:
+    """``syncfs(2)`` from libc (one flush per file system), or None where it is missing: the
+    caller falls back to ``fsync`` and ``sync`` and says so."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        syncfs = libc.syncfs
+    except (OSError, AttributeError):
+        log.warning("syncfs is not available: falling back to fsync and sync")
+        return None
+    syncfs.argtypes = [ctypes.c_int]
+    syncfs.restype = ctypes.c_int
+    return syncfs
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:

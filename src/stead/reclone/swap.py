@@ -27,19 +27,18 @@ Preserved paths never appear in a plan: the planner leaves them out.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import json
 import logging
 import os
 import shutil
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from stead.errors import RecloneError
-from stead.fsutil import write_atomic
+from stead.fsutil import load_syncfs, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -178,20 +177,7 @@ def set_meta(path: str, meta: Meta, *, symlink: bool = False) -> None:
     os.utime(path, ns=(meta.mtime_ns, meta.mtime_ns), follow_symlinks=False)
 
 
-def _load_syncfs() -> Callable[[int], int] | None:
-    """``syncfs(2)`` from libc: flush only the file systems a swap touched."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        syncfs = libc.syncfs
-    except (OSError, AttributeError):
-        log.warning("syncfs is not available: reclone swaps fall back to sync")
-        return None
-    syncfs.argtypes = [ctypes.c_int]
-    syncfs.restype = ctypes.c_int
-    return syncfs
-
-
-_SYNCFS = _load_syncfs()
+_SYNCFS = load_syncfs()
 
 
 def _sync(paths: Iterable[str]) -> None:

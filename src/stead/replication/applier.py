@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import hashlib
 import itertools
@@ -62,6 +61,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from stead.errors import ApplyError, OutOfSync, UnsafePath
+from stead.fsutil import load_syncfs
 from stead.replication import quarantine
 from stead.replication.entries import Entry, Op
 from stead.replication.pathsafe import RootDir, lstat_at, open_child_dir, split_relative
@@ -111,7 +111,7 @@ class Applier:
         self._paths = {key: Path(path) for key, path in roots.items()}
         self._reserved = staging_name
         self._roots: dict[str, _Root] = {}
-        self._syncfs = _load_syncfs()
+        self._syncfs = load_syncfs()
         self._replay_until = -1
         self._recovered = False
         # Staging names of placed files, by (root key, staging name) -> seq. They are unlinked
@@ -686,16 +686,3 @@ def _apply_error(seq: int, entry: Entry, exc: OSError) -> ApplyError:
     if exc.errno in _NO_SPACE:
         return ApplyError(f"no space left for {entry.path!r}: {exc}", seq=seq)
     return ApplyError(f"{entry.op} {entry.path!r} in {entry.root!r}: {exc}", seq=seq)
-
-
-def _load_syncfs() -> Callable[[int], int] | None:
-    """``syncfs(2)`` from libc: one flush per file system instead of one per file."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        syncfs = libc.syncfs
-    except (OSError, AttributeError):
-        log.warning("syncfs is not available: falling back to fsync and sync")
-        return None
-    syncfs.argtypes = [ctypes.c_int]
-    syncfs.restype = ctypes.c_int
-    return syncfs
