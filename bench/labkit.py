@@ -192,33 +192,43 @@ def disk_rate(the_lab: Lab, node: str, nbytes: int) -> float:
 
 
 @contextlib.contextmanager
-def rsync_daemon(the_lab: Lab) -> Iterator[str]:
-    """An rsync daemon inside the secondary, module ``copy`` under /srv/lab/rsync-copy.
+def rsync_daemon(
+    the_lab: Lab,
+    node: str = SECONDARY,
+    module: str = "copy",
+    path: str = RSYNC_MODULE_PATH,
+    *,
+    read_only: bool = False,
+    port: int = RSYNC_PORT,
+) -> Iterator[str]:
+    """An rsync daemon inside ``node`` serving ``path`` as ``module``; yields its URL.
 
-    Passives do not capture, so the copy is not replicated. Yields the URL of the module.
+    The default is the copy target of the replication benchmarks: a writable module under
+    /srv/lab/rsync-copy on the secondary (passives do not capture: it is not replicated).
     """
     if shutil.which("rsync") is None:
         raise RuntimeError("rsync is not installed (apt-get install -y rsync, or make sysdeps)")
-    conf = the_lab.dir / "rsyncd.conf"
+    conf = the_lab.dir / f"rsyncd-{module}.conf"
     conf.write_text(
         "uid = root\ngid = root\nuse chroot = no\nmax connections = 4\n"
-        f"log file = {the_lab.dir / 'rsyncd.log'}\n"
-        f"[copy]\npath = {RSYNC_MODULE_PATH}\nread only = no\n"
+        f"log file = {the_lab.dir / f'rsyncd-{module}.log'}\n"
+        f"[{module}]\npath = {path}\nread only = {'yes' if read_only else 'no'}\n"
     )
-    the_lab.exec(SECONDARY, ["mkdir", "-p", RSYNC_MODULE_PATH], check=True)
-    address = the_lab.addresses()[SECONDARY]
-    argv = ["rsync", "--daemon", "--no-detach", f"--port={RSYNC_PORT}", f"--config={conf}"]
-    daemon = the_lab.popen(SECONDARY, argv, stdout=subprocess.DEVNULL)
+    if not read_only:
+        the_lab.exec(node, ["mkdir", "-p", path], check=True)
+    address = the_lab.addresses()[node]
+    argv = ["rsync", "--daemon", "--no-detach", f"--port={port}", f"--config={conf}"]
+    daemon = the_lab.popen(node, argv, stdout=subprocess.DEVNULL)
 
     def accepts() -> bool:
         if daemon.poll() is not None:
             raise RuntimeError(f"rsync daemon exited ({daemon.returncode})")
-        with socket.create_connection((address, RSYNC_PORT), timeout=1):
+        with socket.create_connection((address, port), timeout=1):
             return True
 
     try:
         poll(accepts, 15, "the rsync daemon to listen", interval=0.05)
-        yield f"rsync://{address}:{RSYNC_PORT}/copy/"
+        yield f"rsync://{address}:{port}/{module}/"
     finally:
         daemon.terminate()
         try:

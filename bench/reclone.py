@@ -29,12 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +156,7 @@ def rsync_baseline(lab: Lab) -> tuple[float, float]:
     lab.exec(SECONDARY, ["rm", "-rf", target], check=True)
     lab.exec(SECONDARY, ["mkdir", "-p", target], check=True)
     subprocess.run(["sync"], check=True)
-    with rsync_daemon(lab) as url:
+    with labkit.rsync_daemon(lab, PRIMARY, "bench", ROOT, read_only=True, port=RSYNC_PORT) as url:
         result = labkit.nodeop(lab, SECONDARY, "timed", "rsync", "-a", url, f"{target}/")
         if result["rc"] != 0:
             raise RuntimeError(f"rsync failed ({result['rc']})")
@@ -166,37 +164,6 @@ def rsync_baseline(lab: Lab) -> tuple[float, float]:
     lab.exec(SECONDARY, ["rm", "-rf", target], check=True)  # the reclone's passive is empty
     subprocess.run(["sync"], check=True)
     return float(result["seconds"]), float(flush["seconds"])
-
-
-@contextlib.contextmanager
-def rsync_daemon(lab: Lab) -> Iterator[str]:
-    """An rsync daemon inside the active serving ``ROOT`` read-only; yields its URL."""
-    conf = lab.dir / "rsyncd-reclone.conf"
-    conf.write_text(
-        "uid = root\ngid = root\nuse chroot = no\nmax connections = 4\n"
-        f"log file = {lab.dir / 'rsyncd-reclone.log'}\n"
-        f"[bench]\npath = {ROOT}\nread only = yes\n"
-    )
-    address = lab.addresses()[PRIMARY]
-    argv = ["rsync", "--daemon", "--no-detach", f"--port={RSYNC_PORT}", f"--config={conf}"]
-    daemon = lab.popen(PRIMARY, argv, stdout=subprocess.DEVNULL)
-
-    def accepts() -> bool:
-        if daemon.poll() is not None:
-            raise RuntimeError(f"rsync daemon exited ({daemon.returncode})")
-        with socket.create_connection((address, RSYNC_PORT), timeout=1):
-            return True
-
-    try:
-        labkit.poll(accepts, 15, "the rsync daemon to listen", interval=0.05)
-        yield f"rsync://{address}:{RSYNC_PORT}/bench/"
-    finally:
-        daemon.terminate()
-        try:
-            daemon.wait(10)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
 
 
 def timed_reclone(lab: Lab) -> tuple[float, dict[str, Any], str]:
