@@ -186,3 +186,106 @@ def test_receive_queue_discard_and_reset(tmp_path: Path) -> None:
         assert queue.append(_records(1, 4999, ENTRIES[:3])) == 1
     with ReceiveQueue(tmp_path) as queue:
         assert queue.persisted == 5001
+
+
+# ---- write-behind: records every passive holds never reach this disk ----------------------
+
+BLOB = Entry(op=Op.FILE, root="r", path="f", data=b"x" * 1000, size=1000)
+
+
+def _all_from(journal: Journal, seq: int) -> list[int]:
+    """Every seq readable from ``seq`` on, across the log and memory, as a sender reads."""
+    seqs: list[int] = []
+    for _ in range(100):
+        records = journal.read_from(seq)
+        if not records:
+            return seqs
+        seqs += [rec_seq for rec_seq, _ in records]
+        seq = records[-1][0] + 1
+    raise AssertionError("read_from did not end")
+
+
+def test_write_behind_holds_new_records_in_memory_only(tmp_path: Path) -> None:
+    with Journal(tmp_path, write_behind=True) as journal:
+        assert journal.append(1, ENTRIES) == (1, len(ENTRIES))
+        assert (journal.log.head, journal.log.total_bytes) == (0, 0)  # nothing written
+        assert journal.head == len(ENTRIES)
+        assert (journal.first, journal.record_count) == (1, len(ENTRIES))
+        assert journal.pending_bytes == journal.total_bytes > 0
+        assert [e for _, _, e in journal.read_entries(1)] == ENTRIES
+
+
+def test_write_behind_skips_what_every_passive_holds_and_keeps_numbering(tmp_path: Path) -> None:
+    with Journal(tmp_path, write_behind=True) as journal:
+        journal.append(1, ENTRIES)  # 1..7
+        assert journal.skip_through(3) == 3
+        assert journal.skipped_records == 3
+        assert journal.first == 4
+        journal.append(2, ENTRIES[:2])  # 8..9
+        journal.flush()
+        assert (journal.log.first, journal.log.head, journal.pending_bytes) == (4, 9, 0)
+    with Journal(tmp_path) as reopened:
+        assert (reopened.first, reopened.head) == (4, 9)
+        assert [e for _, _, e in reopened.read_entries(4)] == ENTRIES[3:] + ENTRIES[:2]
+
+
+def test_a_clean_stop_after_skipping_everything_keeps_the_head(tmp_path: Path) -> None:
+    with Journal(tmp_path, write_behind=True) as journal:
+        journal.append(1, ENTRIES)
+        journal.skip_through(len(ENTRIES))
+        assert journal.total_bytes == 0
+    with Journal(tmp_path) as reopened:
+        assert reopened.head == len(ENTRIES)  # new records never reuse a number
+        assert reopened.append(1, ENTRIES[:1]) == (len(ENTRIES) + 1, len(ENTRIES) + 1)
+
+
+def test_a_crash_loses_what_only_memory_held(tmp_path: Path) -> None:
+    """Documented: after a crash the head may be lower than a passive's position; the sender
+    then resets that passive and a full check repairs it."""
+    journal = Journal(tmp_path / "j", write_behind=True)
+    journal.append(1, ENTRIES[:2])
+    journal.flush()
+    journal.append(1, ENTRIES[2:])  # held in memory only, then the process dies
+    with Journal(tmp_path / "j") as reopened:
+        assert reopened.head == 2
+    journal.log.close()
+
+
+def test_full_memory_is_written_out_oldest_first(tmp_path: Path) -> None:
+    with Journal(tmp_path, write_behind=True, pending_bytes=3000) as journal:
+        journal.append(1, [BLOB] * 5)
+        assert journal.log.head >= 2  # the oldest went to disk
+        assert journal.pending_bytes <= 3000
+        assert _all_from(journal, 1) == [1, 2, 3, 4, 5]  # across disk and memory, in order
+        assert journal.first == 1
+
+
+def test_reading_a_skipped_seq_shows_the_gap(tmp_path: Path) -> None:
+    with Journal(tmp_path, write_behind=True, tail_bytes=0) as journal:
+        journal.append(1, ENTRIES[:5])
+        journal.skip_through(3)
+        assert [seq for seq, _ in journal.read_from(2)] == [4, 5]  # not 2: never silent
+
+
+def test_write_behind_truncate_drops_memory_first(tmp_path: Path) -> None:
+    with Journal(tmp_path, write_behind=True) as journal:
+        journal.append(1, ENTRIES[:2])
+        journal.flush()
+        journal.append(1, ENTRIES[2:5])  # 3..5 in memory
+        journal.truncate_after(3)
+        assert journal.head == 3
+        assert _all_from(journal, 1) == [1, 2, 3]
+        journal.truncate_after(1)
+        assert (journal.head, _all_from(journal, 1)) == (1, [1])
+        assert journal.append(1, ENTRIES[:1]) == (2, 2)
+
+
+def test_tail_serves_recent_records_without_the_log(tmp_path: Path) -> None:
+    with Journal(tmp_path, tail_bytes=10_000) as journal:
+        journal.append(1, [BLOB] * 20)
+        held = journal._tail.read(20, 1 << 20, 100)
+        assert held is not None and held[-1][0] == 20
+        assert journal._tail.read(1, 1 << 20, 100) is None  # evicted: the log serves it
+        assert _all_from(journal, 1) == list(range(1, 21))
+        journal.restart_at(100)
+        assert journal._tail.read(20, 1 << 20, 100) is None

@@ -154,8 +154,11 @@ class Agent(OperatorRequests, RoleChanges, Conversations, Procedures, Reclones, 
     def _close_runtime(self) -> None:
         """Close what the current role opened (its tasks are gone already)."""
         if self.journal is not None:
-            self.journal.sync()
-            self.journal.close()
+            try:
+                self.journal.close()  # writes what only memory held, then syncs
+            except (JournalError, OSError) as exc:
+                log.error("journal not written out at stop, a full check will follow: %s", exc)
+                self._clean = False
             self.journal = None
         if self.manifest is not None:
             self.manifest.close()
@@ -246,6 +249,7 @@ class Agent(OperatorRequests, RoleChanges, Conversations, Procedures, Reclones, 
             max_bytes=replication.journal_max,
             fsync=replication.fsync,
             segment_bytes=segment_bytes(replication.journal_max),
+            write_behind=replication.fsync == "batch",
         )
         restart_at = self.store.get(JOURNAL_RESTART_KEY)
         promoted = restart_at is not None
@@ -347,6 +351,7 @@ class Agent(OperatorRequests, RoleChanges, Conversations, Procedures, Reclones, 
         async with self._emit_lock:
             nbytes = sum(e.payload_bytes() for e in entries) + 64 * len(entries)
             await self._make_room(journal, nbytes)
+            await self._wait_for_passives(journal, nbytes)
             try:
                 _first, last = await asyncio.to_thread(self._append, journal, entries)
             except (JournalError, OSError) as exc:
@@ -392,6 +397,28 @@ class Agent(OperatorRequests, RoleChanges, Conversations, Procedures, Reclones, 
                     self._acked.clear()
                     await self._acked.wait()
 
+    async def _wait_for_passives(self, journal: Journal, incoming: int) -> None:
+        """Write-behind backpressure: while the journal's memory is full, wait for the
+        passives to persist (capture slows to their pace) rather than write records to this
+        disk that they are about to take anyway.
+
+        Only while every passive is connected and taking records; after ``peer_timeout``
+        without room the records are written out as usual.
+        """
+        if not journal.write_behind or journal.pending_bytes + incoming <= journal.pending_max:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.cluster.channel.peer_timeout):
+                while journal.pending_bytes + incoming > journal.pending_max:
+                    states = [sender.state for sender in self.senders.values()]
+                    if not states or not all(
+                        state.connected and state.persisted < journal.head for state in states
+                    ):
+                        return
+                    self._acked.clear()
+                    await self._acked.wait()
+                    await self._skip_persisted(journal)
+
     def _append(self, journal: Journal, entries: list[Entry]) -> tuple[int, int]:
         return journal.append(self.epoch, entries)
 
@@ -399,12 +426,13 @@ class Agent(OperatorRequests, RoleChanges, Conversations, Procedures, Reclones, 
         """Group commit of the journal, beside capture, for what no passive holds yet.
 
         A record every passive has persisted is durable already (on the passives); only the
-        rest needs this node's disk. So the syncer gives the passives ``JOURNAL_SYNC_DELAY``
-        to acknowledge the head, and fsyncs only if some passive has not. Journal pages the
-        passives acknowledged in time are trimmed before the kernel writes them back, so
-        file data is not written to this disk a second time. After a crash the restart's
-        full check covers whatever was in neither place. Policy "always" syncs every append
-        in the journal itself; "never" never syncs.
+        rest needs this node's disk. With ``fsync = "batch"`` the journal holds new records
+        in memory (write-behind): as acknowledgements arrive, the records every passive has
+        persisted are dropped unwritten, so file data costs this node no second write. The
+        syncer gives the passives ``JOURNAL_SYNC_DELAY`` to acknowledge the head; what some
+        passive has not persisted by then is written and fsynced. After a crash the
+        restart's full check covers whatever was in neither place. Policy "always" writes
+        and syncs every append in the journal itself; "never" writes without syncing.
         """
         assert self.journal is not None
         journal = self.journal
@@ -416,18 +444,32 @@ class Agent(OperatorRequests, RoleChanges, Conversations, Procedures, Reclones, 
             target = journal.head
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(JOURNAL_SYNC_DELAY):
-                    while not self._persisted_everywhere(target):
+                    while True:
+                        await self._skip_persisted(journal)
+                        if self._persisted_everywhere(target):
+                            break
                         self._acked.clear()
                         await self._acked.wait()
+            await self._skip_persisted(journal)
             if self._persisted_everywhere(target):
                 continue
             try:
+                await asyncio.to_thread(journal.flush, target)
                 await asyncio.to_thread(journal.sync)
             except (JournalError, OSError) as exc:
                 log.error("journal sync failed: %s", exc)
                 self.journal_error = str(exc)
                 for sender in self.senders.values():
                     sender.state.require_check("full")
+
+    async def _skip_persisted(self, journal: Journal) -> None:
+        """Drop from the journal's memory what every passive has persisted."""
+        states = [sender.state for sender in self.senders.values()]
+        if not states or not all(state.connected for state in states):
+            return
+        floor = min(state.persisted for state in states)
+        if journal.pending_bytes:
+            await asyncio.to_thread(journal.skip_through, floor)
 
     def _persisted_everywhere(self, seq: int) -> bool:
         return all(s.state.connected and s.state.persisted >= seq for s in self.senders.values())
