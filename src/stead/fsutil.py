@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
+import fcntl
 import logging
+import mmap
 import os
 import tempfile
 from collections.abc import Callable
@@ -26,6 +29,114 @@ def load_syncfs() -> Callable[[int], int] | None:
     syncfs.argtypes = [ctypes.c_int]
     syncfs.restype = ctypes.c_int
     return syncfs
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        function = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Start writing a file's dirty pages out without waiting for them
+    (``sync_file_range(SYNC_FILE_RANGE_WRITE)``). Durability stays the caller's later
+    ``syncfs`` or ``fsync``; this only lets the disk work while the caller goes on, so that
+    the flush finds little left to do. A no-op where the call is missing."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """``pwrite`` until every byte is written (a short write is continued, bounded)."""
+    view = memoryview(data)
+    for _attempt in range(len(view) + 1):  # bounded: each round writes at least one byte
+        if not view:
+            return
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+    raise OSError(errno.EIO, "short writes did not progress")
+
+
+DIRECT_ALIGN = 4096  # O_DIRECT offsets, lengths and buffers: a multiple of the block size
+DIRECT_MIN = 256 * 1024  # smaller writes go through the page cache
+DIRECT_BUFFER = 4 * 1024 * 1024
+
+
+class DirectWriter:
+    """Writes large runs of file data with ``O_DIRECT``, the rest through the page cache.
+
+    A passive writes file data that nobody reads until a failover, and it makes all of it
+    durable at once (``syncfs``). Through the page cache each byte is copied into a fresh
+    cache page and written back later; with ``O_DIRECT`` the block-aligned part of a large
+    write goes from one reused, aligned buffer straight to the device, which costs a
+    fraction of the CPU (measured on the lab's VMs: about a third) and leaves the cache to
+    the applications. Durability is unchanged: the caller's ``syncfs``/``fsync`` still
+    flushes the device and commits the metadata. A file system that refuses ``O_DIRECT``
+    (``EINVAL``) turns it off for this writer. Not thread-safe: one writer per thread.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._buffer: mmap.mmap | None = None
+        self.direct_bytes = 0
+
+    def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> None:
+        """Write all of ``data`` at ``offset``."""
+        view = memoryview(data)
+        size = len(view) - len(view) % DIRECT_ALIGN
+        if not self.enabled or size < DIRECT_MIN or offset % DIRECT_ALIGN:
+            pwrite_all(fd, view, offset)
+            return
+        try:
+            self._write_direct(fd, view[:size], offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            log.info("O_DIRECT refused (%s): writing through the page cache", exc)
+            self.enabled = False
+            pwrite_all(fd, view, offset)
+            return
+        if size < len(view):
+            pwrite_all(fd, view[size:], offset + size)
+
+    def _write_direct(self, fd: int, view: memoryview, offset: int) -> None:
+        if self._buffer is None:
+            self._buffer = mmap.mmap(-1, DIRECT_BUFFER)  # page-aligned
+        buffer = memoryview(self._buffer)
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+        try:
+            for start in range(0, len(view), DIRECT_BUFFER):
+                chunk = min(DIRECT_BUFFER, len(view) - start)
+                buffer[:chunk] = view[start : start + chunk]
+                done = 0
+                for _attempt in range(chunk // DIRECT_ALIGN + 1):
+                    if done == chunk:
+                        break
+                    written = os.pwrite(fd, buffer[done:chunk], offset + start + done)
+                    if written <= 0 or written % DIRECT_ALIGN:
+                        raise OSError(errno.EIO, f"O_DIRECT write of {written} bytes")
+                    done += written
+                if done != chunk:
+                    raise OSError(errno.EIO, "O_DIRECT writes did not progress")
+                self.direct_bytes += chunk
+        finally:
+            buffer.release()
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+
+    def close(self) -> None:
+        if self._buffer is not None:
+            self._buffer.close()
+            self._buffer = None
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:

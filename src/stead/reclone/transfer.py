@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import itertools
 import logging
 import os
@@ -41,6 +39,7 @@ from stead.aio import first_cause
 from stead.channel import messages as m
 from stead.channel.transport import Connection
 from stead.errors import ProtocolError, RecloneError, SteadError
+from stead.fsutil import DirectWriter, start_writeback
 from stead.reclone.plan import Fetch, Item
 from stead.reclone.swap import set_meta
 
@@ -356,6 +355,7 @@ class Staging:
 
     def __init__(self) -> None:
         self.files: dict[str, _Open] = {}
+        self.writer = DirectWriter()  # large chunks bypass the page cache
 
     def write_batch(
         self, batch: list[tuple[Fetch, int, int]], data: list[Any]
@@ -370,7 +370,7 @@ class Staging:
                 flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
                 state = self.files[f.staged] = _Open(os.open(f.staged, flags, 0o600))
             if chunk:
-                os.pwrite(state.fd, chunk, offset)
+                self.writer.pwrite(state.fd, chunk, offset)
             if offset != state.offset or len(chunk) != length:
                 state.intact = False
             elif chunk:
@@ -382,7 +382,7 @@ class Staging:
                     os.ftruncate(state.fd, f.item.size)
                     ok = state.intact and state.hasher.hexdigest() == f.item.digest
                     if ok and f.item.size >= WRITEBACK_FROM:
-                        _start_writeback(state.fd)
+                        start_writeback(state.fd)
                 finally:
                     os.close(state.fd)
                 if ok:
@@ -391,31 +391,11 @@ class Staging:
         return done
 
     def close(self) -> None:
+        self.writer.close()
         for state in self.files.values():
             with contextlib.suppress(OSError):
                 os.close(state.fd)
         self.files.clear()
-
-
-def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        function = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-_SYNC_FILE_RANGE = _load_sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _start_writeback(fd: int) -> None:
-    """Start writing a completed file out, without waiting (durability is the swap's job)."""
-    if _SYNC_FILE_RANGE is not None:
-        _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 def _make_symlink(f: Fetch) -> None:
