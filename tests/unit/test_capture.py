@@ -512,3 +512,39 @@ def test_auto_falls_back_to_inotify_and_says_why(
     assert "capture: inotify" in caplog.text
     assert "ENOENT" in (probe([str(tmp_path / "missing")]) or "")
     assert isinstance(make_capture({ROOT: tmp_path}, {}, None, "inotify"), InotifyCapture)
+
+
+async def test_file_renames_cost_the_same_however_much_is_queued(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rename of a file looks its own names up; it never walks what is queued.
+
+    Walking everything pending and queued for each rename made a stream of atomic saves
+    (temp file, rename) quadratic in the backlog, until the agent's event loop stopped
+    sending heartbeats and a passive took over.
+    """
+    from stead.replication.capture import core
+
+    capture = InotifyCapture({ROOT: tmp_path}, {ROOT: Filter()}, None)
+    for i in range(20_000):  # a backlog of changes and queued entries
+        capture._touch(ROOT, f"busy/f{i}", core.CONTENT)
+        capture._out.append(Entry(Op.DELETE, ROOT, f"gone/g{i}"))
+    walked = 0
+    real_under = core.under
+
+    def counting(path: str, top: str) -> bool:
+        nonlocal walked
+        walked += 1
+        return real_under(path, top)
+
+    monkeypatch.setattr(core, "under", counting)
+    for i in range(1_000):
+        capture._touch(ROOT, f"d/.k{i}.tmp", core.CONTENT)
+        capture._move((ROOT, f"d/.k{i}.tmp"), (ROOT, f"d/k{i}"), is_dir=False)
+    assert walked <= 3 * 1_000  # a few lookups per rename, not 40,000
+    assert (ROOT, "d/k7") in capture._pending and (ROOT, "d/.k7.tmp") not in capture._pending
+    renames = [e for e in capture._out if isinstance(e, Entry) and e.op is Op.RENAME]
+    assert len(renames) == 1_000 and renames[0].target == "d/k0"
+    # A directory rename still moves everything below it.
+    capture._move((ROOT, "busy"), (ROOT, "moved"), is_dir=True)
+    assert (ROOT, "moved/f5") in capture._pending and (ROOT, "busy/f5") not in capture._pending

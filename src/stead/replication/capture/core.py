@@ -45,7 +45,7 @@ import logging
 import os
 import stat
 from abc import abstractmethod
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Generic, TypeVar
@@ -95,6 +95,16 @@ def under(path: str, top: str) -> bool:
     return path == top or path.startswith(top + "/")
 
 
+def _inside(item: _Scan | _Check, root: str, top: str) -> bool:
+    return item.root == root and under(item.relpath, top)
+
+
+def _parents(root: str, path: str) -> list[tuple[str, str]]:
+    """``path`` and each directory above it (the root itself aside), as keys."""
+    parts = path.split("/")
+    return [(root, "/".join(parts[:depth])) for depth in range(len(parts), 0, -1)]
+
+
 def _moved(path: str, old: str, new: str) -> str:
     return new + path[len(old) :]
 
@@ -138,6 +148,7 @@ class EventCapture(CaptureBackend, Generic[K]):
         self._where: dict[K, tuple[str, str]] = {}
         self._dirs: dict[tuple[str, str], K] = {}
         self._out: list[_Work] = []
+        self._walks = 0  # _Scan and _Check items in _out: a rename must move them
         self._pending: dict[tuple[str, str], int] = {}
         self._deadline: float | None = None
         self._rescan = False
@@ -210,7 +221,7 @@ class EventCapture(CaptureBackend, Generic[K]):
                         pass
                 readable.clear()
                 async with self._lock:
-                    self._pump()
+                    await self._pump()
                     if self._due(loop.time()):
                         await self._flush()
         finally:
@@ -229,7 +240,7 @@ class EventCapture(CaptureBackend, Generic[K]):
         await self._started.wait()
         async with self._lock:
             while True:
-                exhausted = self._pump()
+                exhausted = await self._pump()
                 await self._flush()
                 if exhausted:
                     return
@@ -285,9 +296,14 @@ class EventCapture(CaptureBackend, Generic[K]):
             return True
         return self._deadline is not None and now >= self._deadline
 
-    def _pump(self) -> bool:
-        """Read and process queued events; True when the queue was found empty."""
+    async def _pump(self) -> bool:
+        """Read and process queued events; True when the queue was found empty.
+
+        Yields to the event loop after each read: heartbeats and the API must never wait
+        for a burst of events to be worked through.
+        """
         for _ in range(READS_PER_PUMP):
+            await asyncio.sleep(0)
             if not self._read():
                 self._settled()
                 self._vanished.clear()
@@ -337,15 +353,15 @@ class EventCapture(CaptureBackend, Generic[K]):
         if not self.filters[root].protected(relpath, is_dir):
             return
         if deleted and (created or content or meta):
-            self._drop_pending(root, relpath)
+            self._drop_pending(root, relpath, is_dir)
             if content or meta:
                 self._lost_change(root, relpath, CONTENT if content else META)
-            self._out.append(_Check(root, relpath))
+            self._queue_walk(_Check(root, relpath))
         elif deleted:
-            self._delete(root, relpath)
+            self._delete(root, relpath, is_dir)
         elif created:
             if is_dir and self.scan_created_dirs:
-                self._out.append(_Scan(root, relpath))
+                self._queue_walk(_Scan(root, relpath))
             else:
                 self._touch(root, relpath, CONTENT)
         elif content:
@@ -356,8 +372,8 @@ class EventCapture(CaptureBackend, Generic[K]):
     def _check(self, root: str, relpath: str, is_dir: bool) -> None:
         """Queue a state check of a path (see :class:`_Check`)."""
         if self.filters[root].protected(relpath, is_dir):
-            self._drop_pending(root, relpath)
-            self._out.append(_Check(root, relpath))
+            self._drop_pending(root, relpath, is_dir)
+            self._queue_walk(_Check(root, relpath))
 
     def _move(self, src: tuple[str, str] | None, dst: tuple[str, str] | None, is_dir: bool) -> None:
         """A rename from ``src`` to ``dst``; ``None`` is a place outside the protected trees."""
@@ -380,9 +396,21 @@ class EventCapture(CaptureBackend, Generic[K]):
         if self._deadline is None:
             self._deadline = asyncio.get_running_loop().time() + self.coalesce
 
-    def _drop_pending(self, root: str, top: str) -> None:
-        """Forget changes under a path that is deleted or replaced (its data is gone)."""
-        for key in [k for k in self._pending if k[0] == root and under(k[1], top)]:
+    def _queue_walk(self, item: _Scan | _Check) -> None:
+        self._out.append(item)
+        self._walks += 1
+
+    def _drop_pending(self, root: str, top: str, is_dir: bool = True) -> None:
+        """Forget changes under a path that is deleted or replaced (its data is gone).
+
+        Only a directory can have changes below it: for anything else this is one lookup,
+        so that a stream of file events costs the same however many changes are pending.
+        """
+        if is_dir:
+            keys = [k for k in self._pending if k[0] == root and under(k[1], top)]
+        else:
+            keys = [(root, top)] if (root, top) in self._pending else []
+        for key in keys:
             self._lost_change(root, key[1], self._pending.pop(key), top)
 
     def _lost_change(self, root: str, relpath: str, kind: int, top: str = "") -> None:
@@ -392,19 +420,19 @@ class EventCapture(CaptureBackend, Generic[K]):
             if not (top and under(other, top)):
                 self._touch(root, other, kind)
 
-    def _delete(self, root: str, relpath: str) -> None:
-        self._drop_pending(root, relpath)
+    def _delete(self, root: str, relpath: str, is_dir: bool = True) -> None:
+        self._drop_pending(root, relpath, is_dir)
         self._out.append(Entry(Op.DELETE, root, relpath))
 
     def _arrived(self, root: str, relpath: str, is_dir: bool) -> None:
         if is_dir:
-            self._out.append(_Scan(root, relpath))
+            self._queue_walk(_Scan(root, relpath))
         else:
-            self._drop_pending(root, relpath)
+            self._drop_pending(root, relpath, is_dir=False)
             self._touch(root, relpath, CONTENT)
 
     def _moved_out(self, root: str, relpath: str, is_dir: bool) -> None:
-        self._delete(root, relpath)
+        self._delete(root, relpath, is_dir)
         if is_dir:
             # Its keys moved with it, out of the tree: stop listening there.
             for where in [k for k in self._dirs if k[0] == root and under(k[1], relpath)]:
@@ -413,44 +441,62 @@ class EventCapture(CaptureBackend, Generic[K]):
                 self._detach(key)
 
     def _rename(self, root: str, old: str, new: str, is_dir: bool) -> None:
-        self._drop_pending(root, new)  # what was at the target is replaced
+        # What was at the target is replaced. A file has nothing below it, and a file can
+        # only replace a file: for files every step below is a lookup, not a scan, so that
+        # a stream of renames (atomic saves) costs the same however much is queued.
+        self._drop_pending(root, new, is_dir)
         moved = {}
-        for key in [k for k in self._pending if k[0] == root and under(k[1], old)]:
+        if is_dir:
+            below = [k for k in self._pending if k[0] == root and under(k[1], old)]
+        else:
+            below = [(root, old)] if (root, old) in self._pending else []
+        for key in below:
             moved[(root, _moved(key[1], old, new))] = self._pending.pop(key)
         # Scans and checks queued for the old name must read the renamed object, not what
         # may take the old name meanwhile: they move behind the rename, under the new name.
         redo: list[_Work] = []
-        kept: list[_Work] = []
-        for item in self._out:
-            if isinstance(item, _Scan | _Check) and item.root == root and under(item.relpath, old):
-                redo.append(type(item)(root, _moved(item.relpath, old, new)))
-            else:
-                kept.append(item)
-        self._out = kept
+        if self._walks:
+            kept: list[_Work] = []
+            for item in self._out:
+                if isinstance(item, _Scan | _Check) and _inside(item, root, old):
+                    redo.append(type(item)(root, _moved(item.relpath, old, new)))
+                else:
+                    kept.append(item)
+            self._out = kept
+            self._walks -= len(redo)
         # Reads and scans done for the old name may have found nothing there: redo them
         # under the new name once the rename has reached the passives. A scan of a
         # directory above the old name counts too: it may have run after the renamed
         # object had already left it, and then the passive never got it.
-        raced = [
-            key for key in self._vanished | self._scanned if key[0] == root and under(key[1], old)
-        ]
+        done = self._vanished, self._scanned
+        if is_dir:
+            raced = [key for key in set().union(*done) if key[0] == root and under(key[1], old)]
+        else:
+            raced = [(root, old)] if any((root, old) in one for one in done) else []
         for key in raced:
             self._vanished.discard(key)
             self._scanned.discard(key)
         if not raced:
             # A scan above the old name, done or still queued, reads the tree without it.
-            queued = [(i.root, i.relpath) for i in kept if isinstance(i, _Scan | _Check)]
-            raced = [
-                key
-                for key in (self._vanished | self._scanned).union(queued)
-                if key[0] == root and under(old, key[1])
-            ]
+            queued = (
+                {(i.root, i.relpath) for i in self._out if isinstance(i, _Scan | _Check)}
+                if self._walks
+                else set()
+            )
+            if is_dir:
+                holders: Iterable[tuple[str, str]] = set().union(*done, queued)
+            else:
+                holders = [
+                    k for k in _parents(root, old) if any(k in one for one in (*done, queued))
+                ]
+            raced = [key for key in holders if key[0] == root and under(old, key[1])]
         if raced and is_dir:
             redo.append(_Scan(root, new))
         elif raced:
             moved[(root, new)] = CONTENT
         self._out.append(Entry(Op.RENAME, root, old, target=new))
         self._out.extend(redo)
+        self._walks += len(redo)
         for key, kind in moved.items():
             self._touch(*key, kind)
         if is_dir:
@@ -488,7 +534,7 @@ class EventCapture(CaptureBackend, Generic[K]):
 
     async def _flush(self) -> None:
         rescan, self._rescan = self._rescan, False
-        work, self._out = self._out, []
+        work, self._out, self._walks = self._out, [], 0
         pending, self._pending = self._pending, {}
         self._deadline = None
         if rescan:
