@@ -94,8 +94,9 @@ class UnsafePath(SteadError):
 
     exit_code = 40
 
-    def __init__(self, message: str, *, path: str) -> None:
+    def __init__(self, message: str, *, path: str, symlink: bool = False) -> None:
         self.path = path
+        self.symlink = symlink  # refused for a symlink on the way (not for its spelling)
         super().__init__(message, path=path)
 
 

@@ -22,7 +22,10 @@ from treeutil import snapshot
 
 ROOT = "/srv/lab"
 MTIMES = st.integers(min_value=1, max_value=2**62)
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+EXAMPLES = int(os.environ.get("STEAD_PROPERTY_EXAMPLES", "200"))  # more: a longer hunt
+SETTINGS = settings(
+    max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 class Crash(Exception):

@@ -204,15 +204,33 @@ def test_delete_file_symlink_tree_and_missing(node: Node, tmp_path: Path) -> Non
     node.run(op(Op.DELETE, "t"))  # idempotent
 
 
-def test_rename_commits_on_its_own(node: Node) -> None:
+def test_rename_commits_first_when_a_replay_could_undo_it(node: Node) -> None:
     node.run(file("a", b"A"), file("b", b"B"))
     first = node.seq
+    # Replaying [delete b, rename a->b] would delete the renamed data: a commit between.
     node.run(op(Op.DELETE, "b"), op(Op.RENAME, "a", target="b"), file("c", b"C"))
-    assert node.commits == [first, first + 1, first + 2, first + 3]
+    assert node.commits == [first, first + 1, first + 3]
     assert (node.path / "b").read_bytes() == b"A"
     assert not (node.path / "a").exists()
     node.run(op(Op.RENAME, "a", target="b"))  # source gone: no-op
     assert (node.path / "b").read_bytes() == b"A"
+    # Replaying [rename b->d, file b] would move the new b over d: a commit between.
+    before = node.seq
+    node.run(op(Op.RENAME, "b", target="d"), file("b", b"new"))
+    assert node.commits[-2:] == [before + 1, before + 2]
+    assert (node.path / "d").read_bytes() == b"A" and (node.path / "b").read_bytes() == b"new"
+
+
+def test_atomic_saves_share_group_commits(node: Node) -> None:
+    """What capture sends for an application that saves atomically (write a temporary
+    name, rename it over the real one): each rename, then the content under the new name."""
+    entries = []
+    for i in range(200):
+        entries += [op(Op.RENAME, f".k{i}.tmp", target=f"k{i}"), file(f"k{i}", b"v%d" % i)]
+    node.run(*entries)
+    assert len(node.commits) == 1  # not two per save
+    assert node.applier.stats.durability_passes <= 3
+    assert (node.path / "k199").read_bytes() == b"v199"
 
 
 def test_rename_over_directories(node: Node) -> None:

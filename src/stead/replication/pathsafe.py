@@ -189,7 +189,9 @@ def open_child_dir(parent_fd: int, name: str, relpath: str, create_missing: bool
                 raise
             kind = _lstat_kind(parent_fd, name)
             if kind == "symlink":
-                raise UnsafePath(f"symlink on the way at {name!r}", path=relpath) from None
+                raise UnsafePath(
+                    f"symlink on the way at {name!r}", path=relpath, symlink=True
+                ) from None
             if kind == "missing":
                 continue
             raise NotADirectoryError(
