@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import yarl
 from aiohttp import web
 
 from stead.lab import demo_service
-from stead.lab.demo_service import create_app, valid_key, write_durably
+from stead.lab.demo_service import create_app, valid_key, write_durably, write_group_durably
 
 Served = tuple[aiohttp.ClientSession, str, Path]
 
@@ -98,14 +99,29 @@ def test_a_failed_write_leaves_the_old_value_and_no_temporary(
 ) -> None:
     write_durably(tmp_path, "k", b"old")
 
-    def broken_fsync(fd: int) -> None:
+    def broken_sync(directory: Path, fds: list[int]) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(demo_service.os, "fsync", broken_fsync)
+    monkeypatch.setattr(demo_service, "_sync_data", broken_sync)
     with pytest.raises(OSError, match="Input/output"):
-        write_durably(tmp_path, "k", b"new")
+        write_group_durably(tmp_path, [("k", b"new"), ("k2", b"other")])
     assert (tmp_path / "k").read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["k"]
+
+
+async def test_concurrent_writes_share_group_commits(served: Served) -> None:
+    """Writes that arrive while a group is being flushed are flushed together, and each
+    answer still comes only once its own write is durable and in place."""
+    session, base, data_dir = served
+
+    async def put(i: int) -> int:
+        async with session.put(f"{base}/kv/k{i}", data=b"v%d" % i) as response:
+            return response.status
+
+    statuses = await asyncio.gather(*(put(i) for i in range(100)))
+    assert statuses == [201] * 100
+    assert all((data_dir / f"k{i}").read_bytes() == b"v%d" % i for i in range(100))
+    assert sorted(p.name for p in data_dir.iterdir()) == sorted(f"k{i}" for i in range(100))
 
 
 def test_the_process_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
@@ -137,3 +153,13 @@ def test_the_process_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None
                 proc.communicate()
     assert proc.returncode == 0, err
     assert "stopping" in err
+
+
+async def test_group_writer_flushes_waiting_writes_together(tmp_path: Path) -> None:
+    writer = demo_service.GroupWriter(tmp_path / "data")
+    try:
+        await asyncio.gather(*(writer.write(f"k{i}", b"v%d" % i) for i in range(100)))
+    finally:
+        await writer.close()
+    assert writer.groups <= 2  # not one flush per write
+    assert (tmp_path / "data" / "k99").read_bytes() == b"v99"
