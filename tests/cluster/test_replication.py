@@ -104,6 +104,27 @@ def test_big_file_then_one_byte_sends_one_block(lab: Any) -> None:
     assert_converged(built)
 
 
+def test_data_every_passive_took_is_never_written_to_the_active_journal(lab: Any) -> None:
+    """Write-behind: 128 MiB of new files reach both passives while the active's journal
+    segments stay small, because records both passives persisted are dropped unwritten."""
+    built: Lab = lab(3)
+    wait_connected(built)
+    journal_dir = built.dir / "primary" / "state" / "journal"
+    assert journal_dir.is_dir(), journal_dir
+    sh(
+        built,
+        "primary",
+        "mkdir -p /srv/lab/wb && for i in $(seq 1 128); do"
+        " head -c 1048576 /dev/urandom > /srv/lab/wb/f$i; done",
+    )
+    wait_sync(built)
+    journal = status(built, "primary")["journal"]
+    on_disk = sum(p.stat().st_size for p in journal_dir.iterdir() if p.is_file())
+    assert journal["skipped"] >= 64, journal  # most of the 128 file records
+    assert on_disk < 64 * 1024**2, f"{on_disk} bytes of journal on disk: {journal}"
+    assert_converged(built)
+
+
 def test_many_small_files_and_directory_renames(lab: Any) -> None:
     built: Lab = lab(2)
     wait_connected(built)

@@ -402,13 +402,15 @@ class Agent(OperatorRequests, RoleChanges, Conversations, Procedures, Reclones, 
         passives to persist (capture slows to their pace) rather than write records to this
         disk that they are about to take anyway.
 
-        Only while every passive is connected and taking records; after ``peer_timeout``
-        without room the records are written out as usual.
+        Only while every passive is connected and taking records, and for at most
+        ``WRITE_BEHIND_WAIT`` per batch: a passive that cannot make room by then (a slow
+        link) gets the oldest records from disk, and capture never stalls long enough for
+        the kernel's event queue to fill.
         """
         if not journal.write_behind or journal.pending_bytes + incoming <= journal.pending_max:
             return
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.cluster.channel.peer_timeout):
+            async with asyncio.timeout(WRITE_BEHIND_WAIT):
                 while journal.pending_bytes + incoming > journal.pending_max:
                     states = [sender.state for sender in self.senders.values()]
                     if not states or not all(
@@ -563,6 +565,8 @@ class Agent(OperatorRequests, RoleChanges, Conversations, Procedures, Reclones, 
                 "head": head,
                 "first": self.journal.first,
                 "bytes": self.journal.total_bytes,
+                "memory_bytes": self.journal.pending_bytes,  # write-behind: not on disk
+                "skipped": self.journal.skipped_records,  # never written: passives had them
             }
         else:
             if self.receiver is not None:
@@ -595,6 +599,7 @@ UNBOUNDED = 1 << 62
 STOP_FLUSH_TIMEOUT = 10.0
 EMIT_QUEUE_BATCHES = 4  # captured batches waiting for the journal writer (backpressure)
 JOURNAL_SYNC_DELAY = 1.0  # seconds the passives get to persist a record before we fsync it
+WRITE_BEHIND_WAIT = 1.0  # seconds capture waits for the passives while the journal memory is full
 
 
 def segment_bytes(bound: int) -> int:
