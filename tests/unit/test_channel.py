@@ -314,7 +314,7 @@ async def _server_recv_error(
     server = await start_server(handler, **kwargs)
     ctx = client_ctx(pki_dir, "secondary")
     async with await connect(HOST, server.port, ctx, "primary", TIMEOUT) as conn:
-        conn._writer.write(raw)
+        conn._transport.write(raw)
         return await outcome
 
 

@@ -150,13 +150,24 @@ def encode_frame(
     Raises :class:`FrameTooLarge` when the payload exceeds ``max_frame``: the peer would
     refuse it, so the sender must split its batch instead.
     """
+    header, payload = encode_frame_parts(obj, compression, max_frame)
+    return header + payload
+
+
+def encode_frame_parts(
+    obj: dict[str, Any],
+    compression: Compression | None = None,
+    max_frame: int = DEFAULT_MAX_FRAME,
+) -> tuple[bytes, bytes]:
+    """:func:`encode_frame` as its header and its payload, so that a large payload is not
+    copied once more only to join it to its five-byte header."""
     raw = pack(obj)
     flags, payload = compression.apply(raw) if compression else (0, raw)
     if len(payload) > max_frame or len(raw) > max_frame:
         raise FrameTooLarge(
             f"outgoing message of {len(raw)} bytes exceeds the frame limit of {max_frame}"
         )
-    return HEADER.pack(len(payload), flags) + payload
+    return HEADER.pack(len(payload), flags), payload
 
 
 def parse_header(header: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> tuple[int, int]:
@@ -170,7 +181,7 @@ def parse_header(header: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> tuple[int
 
 
 def decode_payload(
-    payload: bytes, flags: int = 0, max_frame: int = DEFAULT_MAX_FRAME
+    payload: bytes | bytearray, flags: int = 0, max_frame: int = DEFAULT_MAX_FRAME
 ) -> dict[str, Any]:
     """Decompress (bounded by ``max_frame``) and unpack one payload into a message map."""
     if flags & FLAG_ZSTD:
@@ -243,7 +254,7 @@ async def write_message(
     await writer.drain()
 
 
-def _decompress(payload: bytes, max_frame: int) -> bytes:
+def _decompress(payload: bytes | bytearray, max_frame: int) -> bytes:
     try:
         # A frame that declares its size is checked before zstd allocates that size;
         # max_output_size bounds only frames that do not declare it.

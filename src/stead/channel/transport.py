@@ -12,10 +12,11 @@ Duties:
 - Timing: every network await runs under ``asyncio.timeout``: connecting and the handshake
   under ``timeout``, each send under ``io_timeout``, each receive under the caller's
   ``timeout`` for the wait for a frame to start and under ``io_timeout`` for the rest of it.
-- Atomicity: a frame is written in one ``write`` call, so concurrent senders never
-  interleave. A receive interrupted inside a frame (timeout, cancellation) leaves the stream
-  unusable, so the connection is aborted at once; a receive that times out before any byte
-  arrived leaves it intact (:class:`TimeoutExpired`, the caller may wait again).
+- Atomicity: a frame's header and payload are handed to the transport together, with no
+  await between them, so concurrent senders never interleave. A receive interrupted inside
+  a frame (timeout, cancellation) leaves the stream unusable, so the connection is aborted
+  at once; a receive that times out before any byte arrived leaves it intact
+  (:class:`TimeoutExpired`, the caller may wait again).
 - Errors say who broke: :class:`ChannelError` "closed by us" after :meth:`Connection.close`,
   "broken" with the cause attached when the peer or the network failed, and
   :class:`AuthenticationError` when either side refused the other's certificate.
@@ -44,11 +45,11 @@ from stead.channel.framing import (
     Compression,
     CompressionMode,
     decode_payload,
-    encode_frame,
-    parse_header,
+    encode_frame_parts,
 )
 from stead.channel.messages import Error, Message, parse_message
-from stead.errors import AuthenticationError, ChannelError, ProtocolError, TimeoutExpired
+from stead.channel.stream import FrameStream
+from stead.errors import AuthenticationError, ChannelError, TimeoutExpired
 from stead.pki import cert_common_name, cert_serial
 
 log = logging.getLogger(__name__)
@@ -117,16 +118,17 @@ class Connection:
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        stream: FrameStream,
         peer_name: str,
         *,
         max_frame: int = DEFAULT_MAX_FRAME,
         compression: Compression | None = None,
         io_timeout: float = 60.0,
     ) -> None:
-        self._reader = reader
-        self._writer = writer
+        self._stream = stream
+        assert stream.transport is not None
+        self._transport = stream.transport
+        stream.max_frame = max_frame
         self.peer_name = peer_name
         self.max_frame = max_frame
         self.compression = compression if compression is not None else Compression()
@@ -146,30 +148,31 @@ class Connection:
 
     @property
     def peer_address(self) -> Any:
-        return self._writer.get_extra_info("peername")
+        return self._stream.get_extra_info("peername")
 
     @property
     def local_address(self) -> str:
         """Our address on this connection: which channel it came in on."""
-        sockname = self._writer.get_extra_info("sockname")
+        sockname = self._stream.get_extra_info("sockname")
         return str(sockname[0]) if sockname else "?"
 
     async def send(self, msg: Message) -> None:
         """Send one message and wait until the transport has taken it (bounded)."""
         self._check_usable()
-        frame = encode_frame(msg.to_wire(), self.compression, self.max_frame)
+        header, payload = encode_frame_parts(msg.to_wire(), self.compression, self.max_frame)
+        size = len(header) + len(payload)
         started = time.monotonic()
         try:
             async with asyncio.timeout(self.io_timeout):
-                self._writer.write(frame)
-                await self._writer.drain()
+                self._stream.write(header, payload)  # one call: frames never interleave
+                await self._stream.drain()
             if self.compression is not None:
-                self.compression.observe_send(len(frame), time.monotonic() - started)
+                self.compression.observe_send(size, time.monotonic() - started)
         except TimeoutError:
             raise self._break(f"peer did not take data for {self.io_timeout}s") from None
         except (OSError, RuntimeError) as exc:  # RuntimeError: transport closing underneath
             raise self._break(f"send failed: {exc}", exc) from exc
-        self.bytes_sent += len(frame)
+        self.bytes_sent += size
         self.messages_sent += 1
 
     async def recv(self, timeout: float | None = None) -> Message:
@@ -196,53 +199,53 @@ class Connection:
             text = f"{self.peer_name} closed the channel: {msg.code}: {msg.message}"
             error = AuthenticationError(text) if msg.code == AUTH_CODE else ChannelError(text)
             self._broken = error
-            self._writer.transport.abort()
+            self._transport.abort()
             raise error
         return msg
 
-    async def _read_frame(self, wait: float | None) -> tuple[int, bytes]:
+    async def _read_frame(self, wait: float | None) -> tuple[int, bytes | bytearray]:
+        stream = self._stream
         try:
             async with asyncio.timeout(wait):
-                # readexactly consumes nothing until all of the header is there, so a
-                # timeout here leaves the stream at a frame boundary.
-                header = await self._reader.readexactly(HEADER_SIZE)
+                # Nothing is consumed until a whole frame is there, so a timeout here (no
+                # byte of the next frame yet) leaves the stream at a frame boundary.
+                await stream.wait(lambda: stream.started)
         except TimeoutError:
             raise TimeoutExpired(f"nothing from {self.peer_name} for {wait}s") from None
-        except asyncio.IncompleteReadError as exc:
-            if exc.partial:
-                where = "inside a frame header"
-            elif self.messages_received == 0:
-                # asyncio drops the TLS alert when the server's handshake fails, so a
-                # refused certificate looks like this from the client side.
-                where = "before sending anything (did it refuse our certificate?)"
-            else:
-                where = "between frames"
-            raise self._break(f"peer closed the connection {where}") from None
-        except (OSError, ssl.SSLError) as exc:
-            raise self._break_from(exc) from exc
-        try:
-            length, flags = parse_header(header, self.max_frame)
-        except ProtocolError:
-            # The payload was not read: the stream is no longer at a frame boundary.
-            self._break("refused a frame header")
-            raise
         try:
             async with asyncio.timeout(self.io_timeout):
-                payload = await self._reader.readexactly(length)
+                await stream.wait(lambda: bool(stream.frames) or stream.eof or _refused(stream))
         except TimeoutError:
+            done, length = stream.progress
             raise self._break(
                 f"frame of {length} bytes unfinished after {self.io_timeout}s"
+                if length
+                else f"frame header unfinished after {self.io_timeout}s"
             ) from None
-        except asyncio.IncompleteReadError as exc:
-            raise self._break(
-                f"peer closed the connection after {len(exc.partial)} of {length} bytes"
-            ) from None
-        except (OSError, ssl.SSLError) as exc:
-            raise self._break_from(exc) from exc
         except asyncio.CancelledError:
-            self._break("receive cancelled inside a frame")
+            if stream.in_frame:
+                self._break("receive cancelled inside a frame")
             raise
-        return flags, payload
+        if stream.frames:
+            return stream.pop()
+        if stream.refused is not None:
+            # The payload was not read: the stream is no longer at a frame boundary.
+            self._break("refused a frame header")
+            raise stream.refused
+        if stream.lost is not None:
+            raise self._break_from(stream.lost)
+        if stream.in_frame:
+            done, length = stream.progress
+            if not length:
+                raise self._break("peer closed the connection inside a frame header")
+            raise self._break(f"peer closed the connection after {done} of {length} bytes")
+        if self.messages_received == 0:
+            # asyncio drops the TLS alert when the server's handshake fails, so a refused
+            # certificate looks like this from the client side.
+            where = "before sending anything (did it refuse our certificate?)"
+        else:
+            where = "between frames"
+        raise self._break(f"peer closed the connection {where}")
 
     async def close(self, error: Error | None = None) -> None:
         """Close the connection; send ``error`` first when given (best effort). Idempotent."""
@@ -254,18 +257,18 @@ class Connection:
             except ChannelError as exc:
                 log.debug("could not tell %s why we close: %s", self.peer_name, exc)
         self._closed = True
-        self._writer.close()
+        self._transport.close()
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT):
-                await self._writer.wait_closed()
+                await asyncio.shield(self._stream.closed)
         except (TimeoutError, OSError, ssl.SSLError):
             # The peer is gone or slow to confirm; our side is released either way.
-            self._writer.transport.abort()
+            self._transport.abort()
 
     def abort(self) -> None:
         """Drop the connection at once, without waiting for a peer that may be gone."""
         self._closed = True
-        self._writer.transport.abort()
+        self._transport.abort()
 
     async def __aenter__(self) -> Connection:
         return self
@@ -285,7 +288,7 @@ class Connection:
         error.__cause__ = cause
         if self._broken is None:
             self._broken = error
-        self._writer.transport.abort()
+        self._transport.abort()
         return error
 
     def _break_from(self, exc: BaseException) -> ChannelError:
@@ -294,7 +297,7 @@ class Connection:
                 f"{self.peer_name} refused our certificate: {exc}"
             )
             self._broken = error
-            self._writer.transport.abort()
+            self._transport.abort()
             return error
         return self._break(str(exc) or type(exc).__name__, exc)
 
@@ -316,10 +319,16 @@ async def connect(
     :class:`ChannelError` when the node cannot be reached within ``timeout``.
     """
     where = f"{expected_peer} at {host}:{port}"
+    loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(
-                host, port, ssl=ctx, server_hostname=expected_peer, ssl_handshake_timeout=timeout
+            _, stream = await loop.create_connection(
+                lambda: FrameStream(max_frame),
+                host,
+                port,
+                ssl=ctx,
+                server_hostname=expected_peer,
+                ssl_handshake_timeout=timeout,
             )
     except TimeoutError:
         raise ChannelError(f"no answer from {where} within {timeout}s") from None
@@ -330,15 +339,15 @@ async def connect(
             raise AuthenticationError(f"{where} refused our certificate: {exc}") from exc
         raise ChannelError(f"cannot connect to {where}: {exc}") from exc
     try:
-        name = _check_peer(writer, ctx)
+        name = _check_peer(stream, ctx)
         if name != expected_peer:
             raise AuthenticationError(f"{host}:{port} is {name!r}, not {expected_peer!r}")
     except AuthenticationError:
-        writer.transport.abort()
+        if stream.transport is not None:
+            stream.transport.abort()
         raise
     return Connection(
-        reader,
-        writer,
+        stream,
         name,
         max_frame=max_frame,
         compression=_compression(compression),
@@ -418,22 +427,21 @@ async def serve(
     """
     channel_server = ChannelServer()
 
-    async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def run(stream: FrameStream) -> None:
         conn: Connection | None = None
         try:
             try:
-                name = _check_peer(writer, ctx)
+                name = _check_peer(stream, ctx)
                 if accept_peer is not None and not accept_peer(name):
                     raise AuthenticationError(f"{name!r} is not a member of this cluster")
             except AuthenticationError as exc:
                 channel_server.connections_refused += 1
-                log.warning("refused channel from %s: %s", writer.get_extra_info("peername"), exc)
-                refused = Connection(reader, writer, "<refused>", io_timeout=CLOSE_TIMEOUT)
+                log.warning("refused channel from %s: %s", stream.get_extra_info("peername"), exc)
+                refused = Connection(stream, "<refused>", io_timeout=CLOSE_TIMEOUT)
                 await refused.close(Error(AUTH_CODE, str(exc)))
                 return
             conn = Connection(
-                reader,
-                writer,
+                stream,
                 name,
                 max_frame=max_frame,
                 compression=_compression(compression),
@@ -447,16 +455,21 @@ async def serve(
         finally:
             if conn is not None:
                 await conn.close()
-            elif not writer.is_closing():
-                writer.transport.abort()
+            elif stream.transport is not None and not stream.transport.is_closing():
+                stream.transport.abort()
 
-    def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.create_task(run(reader, writer))
+    def on_connect(stream: FrameStream) -> None:
+        task = asyncio.create_task(run(stream))
         channel_server._tasks.add(task)
         task.add_done_callback(channel_server._tasks.discard)
 
-    channel_server.server = await asyncio.start_server(
-        on_connect, host, port, ssl=ctx, ssl_handshake_timeout=handshake_timeout
+    loop = asyncio.get_running_loop()
+    channel_server.server = await loop.create_server(
+        lambda: FrameStream(max_frame, on_connect),
+        host,
+        port,
+        ssl=ctx,
+        ssl_handshake_timeout=handshake_timeout,
     )
     return channel_server
 
@@ -508,9 +521,9 @@ def _compression(
     return setting()
 
 
-def _check_peer(writer: asyncio.StreamWriter, ctx: ssl.SSLContext) -> str:
+def _check_peer(stream: FrameStream, ctx: ssl.SSLContext) -> str:
     """The peer's CN after checking its certificate is present and not revoked."""
-    ssl_object = writer.get_extra_info("ssl_object")
+    ssl_object = stream.get_extra_info("ssl_object")
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
     if not der:
         raise AuthenticationError("the peer presented no certificate")
@@ -532,3 +545,7 @@ def _is_certificate_alert(exc: BaseException) -> bool:
         and "ALERT" in reason
         and ("CERTIFICATE" in reason or "UNKNOWN_CA" in reason or "ACCESS_DENIED" in reason)
     )
+
+
+def _refused(stream: FrameStream) -> bool:
+    return stream.refused is not None
