@@ -74,6 +74,9 @@ DIRECT_BUFFER = 4 * 1024 * 1024
 class DirectWriter:
     """Writes large runs of file data with ``O_DIRECT``, the rest through the page cache.
 
+    A write at an unaligned offset (a reclone's batch that began with other files) writes
+    its head up to the next block boundary through the cache and the blocks after it direct.
+
     A passive writes file data that nobody reads until a failover, and it makes all of it
     durable at once (``syncfs``). Through the page cache each byte is copied into a fresh
     cache page and written back later; with ``O_DIRECT`` the block-aligned part of a large
@@ -92,10 +95,14 @@ class DirectWriter:
     def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> None:
         """Write all of ``data`` at ``offset``."""
         view = memoryview(data)
-        size = len(view) - len(view) % DIRECT_ALIGN
-        if not self.enabled or size < DIRECT_MIN or offset % DIRECT_ALIGN:
+        head = -offset % DIRECT_ALIGN  # up to the first block boundary: through the cache
+        size = (len(view) - head) - (len(view) - head) % DIRECT_ALIGN
+        if not self.enabled or size < DIRECT_MIN:
             pwrite_all(fd, view, offset)
             return
+        if head:
+            pwrite_all(fd, view[:head], offset)
+            view, offset = view[head:], offset + head
         try:
             self._write_direct(fd, view[:size], offset)
         except OSError as exc:

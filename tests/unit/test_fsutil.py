@@ -22,7 +22,8 @@ def _file(tmp_path: Path) -> int:
         (DIRECT_MIN, 0),  # all aligned: direct only
         (DIRECT_MIN + 123, 0),  # an unaligned tail through the page cache
         (DIRECT_BUFFER * 2 + 4097, DIRECT_ALIGN * 3),  # several buffers, aligned offset
-        (DIRECT_MIN, 100),  # unaligned offset: the page cache
+        (DIRECT_MIN, 100),  # unaligned offset, too little after the boundary: the cache
+        (DIRECT_BUFFER + 5000, 100),  # unaligned offset: its head cached, then direct
         (DIRECT_MIN - DIRECT_ALIGN, 0),  # small: the page cache
         (0, 0),
     ],
@@ -37,7 +38,9 @@ def test_direct_writer_writes_exactly_the_data(tmp_path: Path, size: int, offset
         assert os.pread(fd, size, offset) == data
         assert os.pread(fd, 10, offset + size) == b"\xff" * 10
         assert not fsutil.fcntl.fcntl(fd, fsutil.fcntl.F_GETFL) & os.O_DIRECT  # flag restored
-        direct = size - size % DIRECT_ALIGN if size >= DIRECT_MIN and not offset % 4096 else 0
+        head = -offset % DIRECT_ALIGN
+        direct = (size - head) - (size - head) % DIRECT_ALIGN
+        direct = direct if direct >= DIRECT_MIN else 0
         if writer.enabled:
             assert writer.direct_bytes == direct
     finally:
