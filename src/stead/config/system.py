@@ -120,7 +120,7 @@ class PathSet:
     def __contains__(self, path: object) -> bool:
         if not isinstance(path, str):
             return False
-        hit = self._filter is not None and self._filter.decide(path.lstrip("/"), False).protected
+        hit = self._filter is not None and self._filter.protected(path.lstrip("/"), False)
         return hit != self._negate
 
 
