@@ -76,6 +76,10 @@ def test_reclone_one_then_all_keeps_each_nodes_own_and_rolls_back(lab: Any) -> N
     assert plan.returncode == 0, plan.stderr
     assert "would change" in plan.stdout
     assert system_tree(built, "tertiary") == original_tertiary  # a dry run changes nothing
+    # As if neither node had ever hashed its trees: no hint of what the tertiary holds goes
+    # to the active, which hashes none of its files for the manifest; the tertiary must ask.
+    for node in ("primary", "tertiary"):
+        (built.paths(node).state / "hash-cache.msgpack").unlink(missing_ok=True)
 
     done = reclone(built, "tertiary")
     assert done.returncode == 0, done.stderr
@@ -92,6 +96,10 @@ def test_reclone_one_then_all_keeps_each_nodes_own_and_rolls_back(lab: Any) -> N
     history = reclone(built, "history", "--json")
     runs = __import__("json").loads(history.stdout)
     assert [(r["node"], r["result"]) for r in runs] == [("tertiary", "ok")]
+    # Only the four files the patch changed were copied (some twice, if they had not
+    # settled): the tertiary's identical files were compared by digest (no hash cache on
+    # either node: no hint went to the active, and the tertiary asked for the digests).
+    assert runs[0]["summary"]["fetch_files"] == 4
     assert runs[0]["files"] >= 4 and runs[0]["bytes"] >= 300000
 
     back = reclone(built, "rollback", "tertiary")

@@ -118,7 +118,31 @@ def test_a_deleted_path_leaves_the_cache(root: Path, tmp_path: Path) -> None:
     assert sorted(_cache(store).previous) == [str(root / "b"), str(root / "c")]
 
 
-@pytest.mark.parametrize("blob", [b"", b"\x00garbage", b"\x81\xa7version\x02"])
+def test_the_sizes_it_knows_are_a_hint_of_what_the_node_holds(root: Path, tmp_path: Path) -> None:
+    """What a reclone tells the active it holds, without walking: malformed entries and
+    paths outside the trees are left out."""
+    import msgpack
+
+    from stead.reclone.builtin import sizes_cached
+
+    store = tmp_path / "cache"
+    _walk(root, _cache(store))
+    data = msgpack.unpackb(store.read_bytes())
+    some = next(iter(data["entries"].values()))
+    data["entries"]["/elsewhere/x"] = some
+    data["entries"][str(root / "bad")] = [1, 2, 3, 4, 5, b"d"]
+    data["entries"][str(root / "short")] = some[:40]
+    store.write_bytes(msgpack.packb(data))
+    assert len(_cache(store).sizes()) == 4
+    assert sizes_cached(store, Scope(trees=(str(root),))) == {
+        str(root / name): len(f"{name} content\n") for name in ("a", "b", "c")
+    }
+    assert sizes_cached(tmp_path / "none", Scope(trees=(str(root),))) == {}
+
+
+@pytest.mark.parametrize(
+    "blob", [b"", b"\x00garbage", b"\x81\xa7version\x02", b"\x81\xa7version\x01"]
+)
 def test_an_unreadable_cache_means_hashing_everything(
     root: Path, tmp_path: Path, blob: bytes
 ) -> None:

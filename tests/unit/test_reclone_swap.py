@@ -18,7 +18,16 @@ from stead.config.system import PathSet
 from stead.errors import RecloneError
 from stead.reclone.builtin import collect, remember_swapped
 from stead.reclone.plan import Item, Work, make_plan, tree_of
-from stead.reclone.swap import AREA, Op, Parents, Plan, Swapper, _forward, set_meta
+from stead.reclone.swap import (
+    AREA,
+    Op,
+    Parents,
+    Plan,
+    Swapper,
+    _forward,
+    seal_staged_dirs,
+    set_meta,
+)
 from stead.reclone.transfer import _make_symlink
 from stead.system.hashcache import HashCache
 from stead.system.manifest import Scope, hash_file
@@ -121,7 +130,9 @@ def test_an_interrupted_swap_is_finished_on_recovery(tmp_path: Path, stop_after:
     swapper = Swapper(tmp_path / "state")
     swapper.begin(work.plan)
     _stage(active, passive, work)
-    # What swap() does, cut short: the intent says "swapping", some operations are done.
+    # What swap() does, cut short: the staged directories sealed, the intent says
+    # "swapping", some operations are done.
+    seal_staged_dirs(work.plan)
     swapper._write(swapper.intent_path, work.plan.to_json("swapping"))
     for op in work.plan.ops[:stop_after]:
         _forward(op)
@@ -285,7 +296,8 @@ def test_the_files_a_swap_placed_are_remembered_in_the_hash_cache(tmp_path: Path
     _stage(active, passive, work)
     swapper.swap(work.plan)
     store = tmp_path / "state" / "hash-cache.msgpack"
-    remember_swapped(store, work)
+    verified = {f.path: f.item.digest for f in work.fetch if f.item.kind == "file"}
+    remember_swapped(store, work, verified)
     cache = HashCache(store)
     placed = [f.path for f in work.fetch if f.item.kind == "file"]
     assert placed
@@ -293,3 +305,49 @@ def test_the_files_a_swap_placed_are_remembered_in_the_hash_cache(tmp_path: Path
         assert cache.lookup(path, os.lstat(path)) == hash_file(path)[0]
     Path(placed[0]).write_text("changed after the swap\n")
     assert cache.lookup(placed[0], os.lstat(placed[0])) is None
+
+
+def test_a_new_subtree_is_built_whole_in_staging_and_moved_in_by_one_operation(
+    tmp_path: Path,
+) -> None:
+    active, passive, work = _plan(tmp_path)
+    top = f"{passive}/new-dir"
+    moving = [op for op in work.plan.ops if op.path.startswith(top)]
+    assert [(op.kind, op.path) for op in moving] == [("dir", top)]  # nothing below it
+    staged = moving[0].staged
+    deep = next(f for f in work.fetch if f.path == f"{top}/deep/file")
+    assert deep.staged == f"{staged}/deep/file"  # under its own name in the staged tree
+    assert [d for d, _ in work.plan.dirs] == [staged, f"{staged}/deep"]
+    assert work.summary()["create"] >= 3  # the top, deep and the file all count
+    swapper = Swapper(tmp_path / "state")
+    swapper.begin(work.plan)
+    _stage(active, passive, work)
+    swapper.swap(work.plan)
+    assert (passive / "new-dir" / "deep" / "file").read_bytes() == (
+        active / "new-dir" / "deep" / "file"
+    ).read_bytes()
+    for rel in ("new-dir", "new-dir/deep"):  # mode and mtime as on the active
+        want, got = (active / rel).stat(), (passive / rel).stat()
+        assert (got.st_mode, got.st_mtime_ns) == (want.st_mode, want.st_mtime_ns)
+    swapper.rollback()
+    assert not (passive / "new-dir").exists()
+
+
+def test_nothing_is_staged_under_a_symlink_a_manifest_puts_in_a_new_subtree(
+    tmp_path: Path,
+) -> None:
+    """A peer's manifest may list a file below one of its symlinks: it must not be written
+    through the staged symlink (which could point anywhere)."""
+    tree = str(tmp_path / "t")
+    me = (os.getuid(), os.getgid())
+    source = {
+        tree: Item("dir", 0o755, *me),
+        f"{tree}/new": Item("dir", 0o755, *me),
+        f"{tree}/new/link": Item("symlink", 0o777, *me, target=str(tmp_path / "outside")),
+        f"{tree}/new/link/evil": Item("file", 0o644, *me, 1, 0, ""),
+    }
+    work = make_plan("r", [tree], source, {tree: Item("dir", 0o755, *me)}, PathSet([]))
+    link = next(f for f in work.fetch if f.path.endswith("/link"))
+    evil = next(f for f in work.fetch if f.path.endswith("/evil"))
+    assert not evil.staged.startswith(link.staged + "/")
+    assert evil.staged.startswith(str(tmp_path / "t" / AREA))

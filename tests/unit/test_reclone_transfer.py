@@ -7,7 +7,9 @@ injected faults: chunks out of order or short must fail a file's check, never pa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -16,10 +18,11 @@ import pytest
 
 from stead.channel import messages as m
 from stead.channel.transport import Connection
-from stead.errors import SteadError
+from stead.errors import ProtocolError, SteadError
 from stead.reclone import transfer
 from stead.reclone.plan import Fetch, Item
-from stead.reclone.transfer import Fetcher, Source, Staging
+from stead.reclone.transfer import Fetcher, Source, Staging, pack_sizes, unpack_sizes
+from stead.system.hashcache import HashCache
 
 
 class _Pipe:
@@ -50,6 +53,11 @@ def _files(root: Path) -> dict[str, Item]:
     return {str(p): _item(p) for p in sorted(root.iterdir())}
 
 
+def _undigested(files: dict[str, Item]) -> dict[str, Item]:
+    """The manifest an active gives for files the passive lacks: no digests."""
+    return {path: dataclasses.replace(item, digest="") for path, item in files.items()}
+
+
 def _fetches(files: dict[str, Item], stage: Path) -> list[Fetch]:
     stage.mkdir()
     return [
@@ -60,7 +68,7 @@ def _fetches(files: dict[str, Item], stage: Path) -> list[Fetch]:
 async def _run(files: dict[str, Item], fetches: list[Fetch]) -> None:
     a: asyncio.Queue[m.Message] = asyncio.Queue()
     b: asyncio.Queue[m.Message] = asyncio.Queue()
-    source = Source(lambda: dict(files))
+    source = Source(lambda **_: dict(files))
     fetcher = Fetcher(cast(Connection, _Pipe(a, b)))
     server = asyncio.create_task(source.serve(cast(Connection, _Pipe(b, a))))
     try:
@@ -98,7 +106,7 @@ def test_a_file_changed_on_the_active_after_the_manifest_is_fetched_again(
     async def run() -> None:
         a: asyncio.Queue[m.Message] = asyncio.Queue()
         b: asyncio.Queue[m.Message] = asyncio.Queue()
-        source = Source(lambda: dict(next(calls)))
+        source = Source(lambda **_: dict(next(calls)))
         fetcher = Fetcher(cast(Connection, _Pipe(a, b)))
         server = asyncio.create_task(source.serve(cast(Connection, _Pipe(b, a))))
         try:
@@ -154,3 +162,147 @@ def test_a_read_of_a_path_not_served_is_refused(tmp_path: Path) -> None:
     source = Source(dict)
     with pytest.raises(SteadError, match="not in the manifest"):
         source._read([[str(tmp_path / "x"), 0, 1]])
+
+
+class _Counting(Source):
+    """A Source that counts the requests it answers, by kind."""
+
+    def __init__(self, collect: transfer.Collect) -> None:
+        super().__init__(collect)
+        self.kinds: list[str] = []
+
+    async def _answer(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        self.kinds.append(kind)
+        return await super()._answer(kind, body)
+
+
+async def _against(source: Source, step: Callable[[Fetcher], Awaitable[Any]]) -> Fetcher:
+    """A fetcher that has the source's manifest (an empty passive's), then takes ``step``."""
+    a: asyncio.Queue[m.Message] = asyncio.Queue()
+    b: asyncio.Queue[m.Message] = asyncio.Queue()
+    fetcher = Fetcher(cast(Connection, _Pipe(a, b)))
+    server = asyncio.create_task(source.serve(cast(Connection, _Pipe(b, a))))
+    try:
+        await fetcher.manifest({})
+        await step(fetcher)
+    finally:
+        server.cancel()
+    return fetcher
+
+
+async def _fetch_from(source: Source, fetches: list[Fetch]) -> Fetcher:
+    return await _against(source, lambda fetcher: fetcher.fetch(fetches))
+
+
+def test_files_without_a_digest_are_checked_against_what_the_active_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An empty passive: no digest in the manifest; each file is verified by the digest
+    the active computed over the very ranges it sent, in order."""
+    monkeypatch.setattr(transfer, "BATCH_BYTES", 1000)
+    monkeypatch.setattr(transfer, "SETTLED_NS", 0)  # the files were written just now
+    files = _files(tmp_path / "active")
+    fetches = _fetches(_undigested(files), tmp_path / "stage")
+    source = _Counting(lambda **_: _undigested(files))
+    cache = tmp_path / "hash-cache.msgpack"
+    source.cache = cache
+    fetcher = asyncio.run(_fetch_from(source, fetches))
+    assert "entry" not in source.kinds  # nothing had to be fetched twice
+    for f in fetches:
+        assert Path(f.staged).read_bytes() == Path(f.path).read_bytes()
+        assert fetcher.verified[f.path] == files[f.path].digest
+    # The active's hash cache learned every digest: the next manifest reads none of them.
+    learned = HashCache(cache)
+    for path, item in files.items():
+        assert learned.lookup(path, os.lstat(path)) == bytes.fromhex(item.digest)
+
+
+def test_a_file_that_has_not_settled_is_fetched_again_against_a_fresh_digest(
+    tmp_path: Path,
+) -> None:
+    """A file written just before it is read could still be moving within one clock tick:
+    the active vouches for no digest, and the passive fetches it against a fresh entry."""
+    files = _files(tmp_path / "active")
+    fetches = _fetches(_undigested(files), tmp_path / "stage")
+    source = _Counting(lambda only=None, **_: files if only is not None else _undigested(files))
+    fetcher = asyncio.run(_fetch_from(source, fetches))
+    assert source.kinds.count("entry") == 1
+    for f in fetches:
+        assert Path(f.staged).read_bytes() == Path(f.path).read_bytes()
+        assert fetcher.verified[f.path] == files[f.path].digest
+
+
+@pytest.mark.parametrize("how", ["replaced", "rewritten"])
+def test_a_file_written_between_two_ranges_is_never_vouched_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """Replaced by a rename (a new inode), or rewritten in place (new times; a rewrite in
+    the same clock tick as the listing is what the settling rule keeps out, tested above)."""
+    monkeypatch.setattr(transfer, "BATCH_BYTES", 1000)
+    monkeypatch.setattr(transfer, "SETTLED_NS", 0)
+    files = _files(tmp_path / "active")
+    moving = str(tmp_path / "active" / "f6")  # 12,345 bytes: thirteen ranges
+    fresh = os.urandom(12_345)
+    reads = iter(range(1000))
+
+    class Moving(_Counting):
+        def _read_range(self, path: str, offset: int, length: int) -> tuple[bytes, str | None]:
+            answer = super()._read_range(path, offset, length)
+            if path == moving and offset == 0 and next(reads) == 0:
+                if how == "replaced":
+                    Path(moving + ".new").write_bytes(fresh)  # same size, new content
+                    os.replace(moving + ".new", moving)
+                else:
+                    Path(moving).write_bytes(fresh)
+                    os.utime(moving, ns=(10**9, 10**9))
+            return answer
+
+    def collect(only: Any = None, **_: Any) -> dict[str, Item]:
+        now = {p: _item(Path(p)) for p in files}
+        return now if only is not None else _undigested(now)
+
+    fetches = _fetches(_undigested(files), tmp_path / "stage")
+    source = Moving(collect)
+    asyncio.run(_fetch_from(source, fetches))
+    assert source.kinds.count("entry") == 1
+    assert Path(fetches[6].staged).read_bytes() == fresh
+
+
+def test_the_passive_sizes_are_checked_as_external_input() -> None:
+    assert unpack_sizes(pack_sizes({"/opt/a": 3})) == {"/opt/a": 3}
+    for bad in [b"not zstd", pack_sizes([1, 2]), pack_sizes({"/a": "3"}), "text"]:  # type: ignore[dict-item]
+        with pytest.raises(ProtocolError):
+            unpack_sizes(bad)
+
+
+def test_fresh_entries_come_in_batches_and_only_for_the_paths_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(transfer, "ENTRY_BATCH", 3)
+    files = _files(tmp_path / "active")
+    paths = sorted(files)
+
+    class Lying(_Counting):
+        """Answers with one entry more than was asked for."""
+
+        async def _answer(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+            answer = await super()._answer(kind, body)
+            if kind == "entry":
+                answer["entries"]["/etc/shadow"] = files[paths[0]].to_wire()
+            return answer
+
+    def entries(source: Source) -> dict[str, Item]:
+        found: dict[str, Item] = {}
+
+        async def step(fetcher: Fetcher) -> None:
+            found.update(await fetcher.entries(paths))
+
+        asyncio.run(_against(source, step))
+        return found
+
+    honest = _Counting(lambda **_: dict(files))
+    assert entries(honest) == files
+    assert honest.kinds.count("entry") == 3  # 8 paths, 3 a request
+    # A path that was not asked for is a protocol error, never an entry.
+    with pytest.raises(ProtocolError, match="not asked for"):
+        entries(Lying(lambda **_: dict(files)))

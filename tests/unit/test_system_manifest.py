@@ -22,6 +22,7 @@ from stead.system.manifest import (
     SystemManifest,
     build_manifest,
     hash_file,
+    manifest_of_paths,
     virtual_mounts,
 )
 from stead.system.packages import list_packages, parse_dpkg, parse_rpm, pick_manager
@@ -155,6 +156,27 @@ def test_an_unreadable_file_is_reported_and_the_walk_goes_on(tree: Path) -> None
     assert found.entries[str(tree / "secret")].digest  # the others are hashed
 
 
+def test_files_hash_wanted_declines_are_listed_by_size_and_never_read(tree: Path) -> None:
+    """The reclone's active reads only the files a passive might already hold."""
+    read: list[str] = []
+    wanted = str(tree / "secret")
+
+    def counting(path: str) -> tuple[bytes, int]:
+        read.append(path)
+        return hash_file(path)
+
+    found = build_manifest(
+        Scope(trees=(str(tree),)),
+        hash_file=counting,
+        virtual=frozenset(),
+        hash_wanted=lambda path, size: path == wanted and size == 4,
+    )
+    assert read == [wanted]
+    assert found.entries[wanted].digest == blake3.blake3(b"key\n").digest()
+    declined = found.entries[str(tree / "app" / "app.conf")]
+    assert (declined.digest, declined.size, declined.error) == (b"", len("listen = 80\n"), "")
+
+
 def test_unreadable_for_real(tree: Path) -> None:
     """Permissions enforced for real: as root, in a child without the DAC capabilities."""
     prefix: list[str] = []
@@ -236,6 +258,33 @@ def test_wire_form_is_checked() -> None:
         SystemManifest.from_wire({"entries": [], "preserved": [1]})
     with pytest.raises(ProtocolError):
         SystemManifest.from_wire({"preserved": []})
+
+
+def test_entries_of_single_paths_are_those_a_walk_records(tree: Path, tmp_path: Path) -> None:
+    """A reclone's fresh entries: no walk, but the scope's rules and no way out of the
+    trees through a directory replaced by a symbolic link."""
+    root = str(tree)
+    scope = Scope(trees=(root,), exclude=(f"{root}/app/conf.d",))
+    walked = build_manifest(scope, virtual=frozenset())
+    asked = [
+        f"{root}/app/app.conf",
+        f"{root}/secret",
+        f"{root}/link",
+        f"{root}/app/conf.d/10-extra.conf",  # excluded with its directory
+        f"{root}/gone",
+        f"{root}/link/must-not-appear",  # through the symlink
+        f"{root}/app/../secret",  # not normalised
+        str(tmp_path / "outside" / "must-not-appear"),  # outside the trees
+        root,  # the tree itself
+    ]
+    found = manifest_of_paths(scope, asked)
+    assert sorted(found.entries) == [f"{root}/app/app.conf", f"{root}/link", f"{root}/secret"]
+    for path, entry in found.entries.items():
+        assert entry == walked.entries[path]
+    # A directory on the way replaced by a symlink to a directory with the same names.
+    shutil.move(str(tree / "app"), str(tmp_path / "moved-app"))
+    (tree / "app").symlink_to(tmp_path / "moved-app")
+    assert manifest_of_paths(scope, [f"{root}/app/app.conf"]).entries == {}
 
 
 def test_scope_from_the_cluster_configuration(tmp_path: Path) -> None:

@@ -34,7 +34,13 @@ from stead.reclone.swap import AREA, Swapper
 from stead.reclone.transfer import REPLY_TIMEOUT, Fetcher, Source
 from stead.system import hashcache
 from stead.system.hashcache import HashCache
-from stead.system.manifest import PathEntry, Scope, build_manifest
+from stead.system.manifest import (
+    HashWanted,
+    PathEntry,
+    Scope,
+    build_manifest,
+    manifest_of_paths,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +81,24 @@ def hash_cache_path(state_dir: Path) -> Path:
     return state_dir / hashcache.FILE_NAME
 
 
-def collect(scope: Scope, *, serving: bool, cache: Path | None = None) -> dict[str, Item]:
+def collect(
+    scope: Scope,
+    *,
+    serving: bool,
+    cache: Path | None = None,
+    hash_wanted: HashWanted | None = None,
+    only: list[str] | None = None,
+) -> dict[str, Item]:
     """Items of every path of the trees (blocking). Serving (the active), a path it cannot
     read is left out, so that it is neither copied nor deleted on the passive. With a
-    ``cache`` file, only files changed since the last walk are read."""
-    manifest = build_manifest(scope, cache=HashCache(cache) if cache is not None else None)
+    ``cache`` file, only files changed since the last walk are read; with ``hash_wanted``,
+    only the files it names are read (the others have an empty digest unless cached).
+    With ``only``, just those paths, each file hashed (no walk)."""
+    hashes = HashCache(cache) if cache is not None else None
+    if only is not None:
+        manifest = manifest_of_paths(scope, only, cache=hashes)
+    else:
+        manifest = build_manifest(scope, cache=hashes, hash_wanted=hash_wanted)
     items = {}
     for path, entry in manifest.entries.items():
         if serving and entry.error:
@@ -94,15 +113,34 @@ def collect(scope: Scope, *, serving: bool, cache: Path | None = None) -> dict[s
 def source_for(cluster: ClusterConfig, state_dir: Path | None = None) -> Source:
     scope = scope_of(cluster)
     cache = hash_cache_path(state_dir) if state_dir is not None else None
-    return Source(lambda: collect(scope, serving=True, cache=cache))
+
+    def serving(
+        hash_wanted: HashWanted | None = None, only: list[str] | None = None
+    ) -> dict[str, Item]:
+        return collect(scope, serving=True, cache=cache, hash_wanted=hash_wanted, only=only)
+
+    return Source(serving, cache)
 
 
-def remember_swapped(cache_path: Path, work: Work) -> None:
-    """Record the digests of the files a swap just put in place (verified while staged),
-    so that the next walk need not read them again (blocking)."""
+def sizes_cached(cache_path: Path, scope: Scope) -> dict[str, int]:
+    """The regular files of the trees our hash cache knows, and their sizes then: a hint
+    of what we hold, read without walking the trees (blocking)."""
+    trees = tuple(scope.trees)
+    prefixes = tuple(tree.rstrip("/") + "/" for tree in trees)
+    return {
+        path: size
+        for path, size in HashCache(cache_path).sizes().items()
+        if path in trees or path.startswith(prefixes)
+    }
+
+
+def remember_swapped(cache_path: Path, work: Work, verified: dict[str, str]) -> None:
+    """Record the digests of the files a swap just put in place (``verified`` while
+    staged), so that the next walk need not read them again (blocking)."""
     cache = HashCache(cache_path)
     for f in work.fetch:
-        if f.item.kind != "file" or not f.item.digest:
+        digest = verified.get(f.path, "")
+        if f.item.kind != "file" or not digest:
             continue
         try:
             st = os.lstat(f.path)
@@ -112,7 +150,7 @@ def remember_swapped(cache_path: Path, work: Work) -> None:
             f.item.size,
             f.item.mtime_ns,
         ):
-            cache.remember(f.path, st, bytes.fromhex(f.item.digest))
+            cache.remember(f.path, st, bytes.fromhex(digest))
     cache.save(keep_previous=True)
 
 
@@ -200,19 +238,38 @@ class Rebuilder:
         try:
             fetcher = state.fetcher = Fetcher(conn)
             scope = scope_of(self.cluster)
+            # What we held when we last hashed, by size (our hash cache): the active reads
+            # and hashes only the files we might hold already; what we lack is hashed as it
+            # is copied. A wrong hint costs time, never correctness: see below.
+            started = time.monotonic()
+            have = await asyncio.to_thread(sizes_cached, self.cache_path, scope)
             # Our own walk runs while the active walks its trees: neither waits for the other.
             walk = asyncio.ensure_future(
                 asyncio.to_thread(collect, scope, serving=False, cache=self.cache_path)
             )
             try:
-                source = await fetcher.manifest()
+                source = await fetcher.manifest(have)
             except BaseException:
                 walk.cancel()
                 with contextlib.suppress(BaseException):
                     await walk  # the thread finishes its walk; nothing waits on it after this
                 raise
             state.phase = "plan"
+            fetched = time.monotonic()
             here = await walk
+            # Files we hold at the active's size that it did not hash (the hint was stale):
+            # their digests now, so that an identical file is not copied.
+            unsure = [
+                path
+                for path, item in source.items()
+                if item.kind == "file"
+                and not item.digest
+                and (mine := here.get(path)) is not None
+                and mine.kind == "file"
+                and mine.size == item.size
+            ]
+            if unsure:
+                source.update(await fetcher.entries(unsure))
             work = make_plan(
                 state.run,
                 list(scope.trees),
@@ -222,6 +279,16 @@ class Rebuilder:
                 delete_original=delete_original,
             )
             state.summary, state.skipped = work.summary(), work.skipped
+            log.info(
+                "reclone %s: the active's manifest of %d paths in %.2f s (%d files hinted),"
+                " %d more digests asked for, our walk and the plan %.2f s later",
+                state.run,
+                len(source),
+                fetched - started,
+                len(have),
+                len(unsure),
+                time.monotonic() - fetched,
+            )
             if dry_run:
                 return
             await self._stage_and_swap(fetcher, work)
@@ -241,7 +308,7 @@ class Rebuilder:
         # Shielded: once the intent says "swapping", finishing is the only way out.
         await asyncio.shield(asyncio.to_thread(self.swapper.swap, work.plan))
         try:
-            await asyncio.to_thread(remember_swapped, self.cache_path, work)
+            await asyncio.to_thread(remember_swapped, self.cache_path, work, fetcher.verified)
         except OSError as exc:  # a cache: the reclone is done without it
             log.warning("reclone %s: hash cache not updated: %s", state.run, exc)
 

@@ -72,6 +72,7 @@ class Work:
     plan: Plan
     fetch: list[Fetch] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # special files, preserved conflicts
+    created_inside: int = 0  # paths created inside new subtrees (no operation of their own)
 
     @property
     def fetch_bytes(self) -> int:
@@ -85,7 +86,8 @@ class Work:
             "replace": sum(
                 1 for op in self.plan.ops if op.existed and op.kind in ("file", "symlink", "dir")
             ),
-            "create": sum(1 for op in self.plan.ops if not op.existed and op.kind != "meta"),
+            "create": sum(1 for op in self.plan.ops if not op.existed and op.kind != "meta")
+            + self.created_inside,
             "delete": kinds.count("delete"),
             "meta": kinds.count("meta"),
             "skipped": len(self.skipped),
@@ -134,18 +136,29 @@ def make_plan(
     here = {p: i for p, i in here.items() if _inside(p, trees)}
     work = Work(Plan(run=run, trees=list(trees), delete_original=delete_original))
     counters = dict.fromkeys(trees, 0)
+    # Per tree, once: this runs for every path of the scope.
+    dirs = {tree: (str(stage_dir(tree, run)), str(generation_dir(tree, run))) for tree in trees}
 
     def names(tree: str) -> tuple[str, str]:
         counters[tree] += 1
+        stage, generation = dirs[tree]
         n = f"{counters[tree]:08d}"
-        return str(stage_dir(tree, run) / n), str(generation_dir(tree, run) / n)
+        return f"{stage}/{n}", f"{generation}/{n}"
 
     kept = {a for p in here if p in preserved for a in _ancestors(p)}  # hold preserved paths
     moved: set[str] = set()  # paths whose whole subtree the swap moves away
     ops: list[Op] = []
+    # Directories new here are built whole in the staging area, under their real names,
+    # and the swap renames each new subtree's top into place: one operation, not one per
+    # path. Path of each directory staged so -> its staged name.
+    staged_dirs: dict[str, str] = {}
     for path in sorted(source):
         new = source[path]
         if path in preserved:
+            continue
+        parent = posixpath.dirname(path)
+        if parent in staged_dirs:
+            _stage_inside(work, path, new, staged_dirs)
             continue
         old = here.get(path)
         tree = tree_of(path, trees)
@@ -157,6 +170,12 @@ def make_plan(
             work.skipped.append(f"{path}: holds a preserved path here; not replaced")
             continue
         if new.kind == "dir":
+            if old is None and path != tree:
+                staged, saved = names(tree)
+                ops.append(Op("dir", tree, path, staged, saved, new.meta))
+                staged_dirs[path] = staged
+                work.plan.dirs.append((staged, new.meta))
+                continue
             if old is None or old.kind != "dir":
                 _, saved = names(tree)
                 ops.append(Op("dir", tree, path, saved=saved, meta=new.meta, existed=replaces))
@@ -195,6 +214,21 @@ def make_plan(
         moved.add(path)
     work.plan.ops = plan_order(ops)
     return work
+
+
+def _stage_inside(work: Work, path: str, new: Item, staged_dirs: dict[str, str]) -> None:
+    """A path under a directory built whole in staging: staged under its own name there."""
+    parent = posixpath.dirname(path)
+    staged = f"{staged_dirs[parent]}/{posixpath.basename(path)}"
+    if new.kind == "other":
+        work.skipped.append(f"{path}: special file, not copied")
+        return
+    work.created_inside += 1
+    if new.kind == "dir":
+        staged_dirs[path] = staged
+        work.plan.dirs.append((staged, new.meta))
+    else:
+        work.fetch.append(Fetch(path, staged, new))
 
 
 def _inside(path: str, trees: list[str]) -> bool:

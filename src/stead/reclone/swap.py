@@ -26,6 +26,7 @@ Preserved paths never appear in a plan: the planner leaves them out.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -65,8 +66,9 @@ class Meta:
 class Op:
     """One change to one path of a tree.
 
-    ``dir``: make a directory (replacing a non-directory); ``file`` / ``symlink``: rename the
-    staged entry ``staged`` over ``path``; ``delete``: move ``path`` away; ``meta``: set
+    ``dir``: make a directory (replacing a non-directory), or with ``staged``, rename that
+    staged directory (a new subtree, built whole) to ``path``; ``file`` / ``symlink``: rename
+    the staged entry ``staged`` over ``path``; ``delete``: move ``path`` away; ``meta``: set
     owner, mode and mtime of an unchanged entry. ``saved`` is where the original goes in the
     generation; ``before`` its metadata, for rollback of ``meta``.
     """
@@ -118,10 +120,15 @@ class Op:
 
 @dataclass(slots=True)
 class Plan:
+    """What a swap does. ``dirs``: the directories of new subtrees, built whole in the
+    staging area (parents first, with their metadata); each new subtree is one ``dir``
+    operation whose ``staged`` directory is renamed into place."""
+
     run: str
     trees: list[str]
     ops: list[Op] = field(default_factory=list)
     delete_original: bool = False
+    dirs: list[tuple[str, Meta]] = field(default_factory=list)
 
     def to_json(self, phase: str) -> dict[str, Any]:
         return {
@@ -130,6 +137,7 @@ class Plan:
             "trees": self.trees,
             "delete_original": self.delete_original,
             "ops": [op.to_json() for op in self.ops],
+            "dirs": [[d, [m.mode, m.uid, m.gid, m.mtime_ns]] for d, m in self.dirs],
         }
 
     @classmethod
@@ -139,6 +147,7 @@ class Plan:
             trees=[str(t) for t in data["trees"]],
             ops=[Op.from_json(op) for op in data["ops"]],
             delete_original=bool(data.get("delete_original", False)),
+            dirs=[(str(d), Meta(*m)) for d, m in data.get("dirs", [])],
         )
 
 
@@ -177,7 +186,22 @@ def set_meta(path: str, meta: Meta, *, symlink: bool = False) -> None:
     os.utime(path, ns=(meta.mtime_ns, meta.mtime_ns), follow_symlinks=False)
 
 
+def set_meta_fd(fd: int, meta: Meta) -> None:
+    """:func:`set_meta` of a file open as ``fd``, after its last write (the owner first:
+    a change of owner clears the set-id bits the mode may hold)."""
+    os.fchown(fd, meta.uid, meta.gid)
+    os.fchmod(fd, meta.mode)
+    os.utime(fd, ns=(meta.mtime_ns, meta.mtime_ns))
+
+
 _SYNCFS = load_syncfs()
+
+
+def seal_staged_dirs(plan: Plan) -> None:
+    """Give the staged directories of new subtrees their metadata, children first (their
+    own entries are complete: nothing is added to them before the swap renames them)."""
+    for directory, meta in reversed(plan.dirs):
+        set_meta(directory, meta)
 
 
 def _sync(paths: Iterable[str]) -> None:
@@ -233,6 +257,9 @@ class Swapper:
         for tree in plan.trees:
             stage_dir(tree, plan.run).mkdir(parents=True, exist_ok=True, mode=0o700)
             generation_dir(tree, plan.run).mkdir(parents=True, exist_ok=True, mode=0o700)
+        for directory, _meta in plan.dirs:  # parents first; all inside the staging area
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(directory, 0o700)
 
     def abandon(self, plan: Plan) -> None:
         """Give up before the swap: remove what was staged; the node stays as it was."""
@@ -247,6 +274,7 @@ class Swapper:
 
     def swap(self, plan: Plan) -> None:
         """Phase ``swapping``, then ``done``: the staged copy is in place."""
+        seal_staged_dirs(plan)
         # Staged data durable before the intent says it may be used (the fetcher started its
         # write-back as each file completed, so little is left to flush here).
         _sync(str(stage_dir(tree, plan.run)) for tree in plan.trees)
@@ -396,6 +424,15 @@ def _forward(op: Op, parents: Parents | None = None) -> None:
     if op.kind == "delete":
         if _lexists(op.path) and not _lexists(op.saved):
             os.rename(op.path, op.saved)
+        return
+    if op.kind == "dir" and op.staged:  # a new subtree, built whole in the staging area
+        if not _lexists(op.staged):
+            return  # moved in before the interruption
+        if _lexists(op.path) and not _lexists(op.saved):
+            os.rename(op.path, op.saved)
+        elif _lexists(op.path):
+            _remove(op.path)
+        os.rename(op.staged, op.path)
         return
     if op.kind == "dir":
         if os.path.isdir(op.path) and not os.path.islink(op.path):

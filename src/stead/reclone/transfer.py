@@ -2,20 +2,27 @@
 
 A reclone uses a channel connection of its own (mutual TLS, hello with purpose
 ``reclone``), so that bulk copying never sits in front of heartbeats. The passive asks; the
-active answers each request in order:
+active answers each request in order (reading the next answer while it sends the last):
 
 - ``manifest``: the active's manifest of its system trees (zstd-compressed msgpack), made
   by the caller's ``collect``. The paths it lists are the only ones ``read`` will serve:
-  preserved and excluded paths (the active's own SSH host keys, say) never leave it.
+  preserved and excluded paths (the active's own SSH host keys, say) never leave it. With
+  ``have`` (the passive's regular files and their sizes), the active reads and hashes only
+  the files the passive might already hold (same path, same size) to give their digests;
+  every other file is copied anyway and gets its digest as it is read.
 - ``read``: a batch of ``[path, offset, length]`` (at most ``BATCH_BYTES`` in all); the
-  answer holds the bytes of each, read with ``O_NOFOLLOW`` from a regular file.
-- ``entry``: a fresh manifest entry for paths whose content changed while they were copied.
+  answer holds the bytes of each, read with ``O_NOFOLLOW`` from a regular file, and for
+  each range that ends its file the BLAKE3 digest of everything read of it, in order, or
+  ``""`` when the file changed under the reading (see :class:`_Reading`).
+- ``entry``: a fresh manifest entry, digest included, for paths whose content changed
+  while they were copied.
 
 The passive keeps ``WINDOW`` requests in flight; ``WRITERS`` writer threads, fed through
 bounded queues while the next answers arrive (each file always to the same one), write each
 answer into the staging file named by the plan and hash every file as it is written,
-checking it against the manifest's hash; a file that changed on the active meanwhile is
-fetched again, up to ``RETRIES`` times.
+checking it against the manifest's digest or, where the manifest had none, the digest the
+active computed as it read the same bytes; a file that changed on the active meanwhile is
+fetched again, up to ``RETRIES`` times, against the digest of a fresh entry.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import blake3
@@ -41,7 +49,9 @@ from stead.channel.transport import Connection
 from stead.errors import ProtocolError, RecloneError, SteadError
 from stead.fsutil import DirectWriter, start_writeback
 from stead.reclone.plan import Fetch, Item
-from stead.reclone.swap import set_meta
+from stead.reclone.swap import set_meta, set_meta_fd
+from stead.system.hashcache import SETTLED_NS, HashCache
+from stead.system.manifest import HashWanted
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +64,42 @@ RETRIES = 3
 MAX_MANIFEST = 1024**3  # decompressed; a manifest is about 100 bytes a path
 REPLY_TIMEOUT = 30.0  # a read answer; a cut link fails the copy (and the staging) after this
 MANIFEST_TIMEOUT = 3600.0  # the active hashes its whole scope first
+SERVE_AHEAD = 2  # answers the active holds ready while it sends the one before
+ENTRY_BATCH = 10_000  # paths per entry request
+MAX_READING = 4096  # files a passive may have half read at once (their hashers)
 
-Collect = Callable[[], dict[str, Item]]
+# The active's manifest (blocking); ``hash_wanted`` limits which files are read for it,
+# ``only`` (a list of paths) asks for the entries of just those, every file hashed.
+Collect = Callable[..., dict[str, Item]]
+
+
+def pack_sizes(sizes: dict[str, int]) -> bytes:
+    return zstandard.ZstdCompressor(level=3).compress(msgpack.packb(sizes, use_bin_type=True))
+
+
+def _unpack_map(blob: bytes, what: str, error: type[SteadError]) -> dict[str, Any]:
+    """A zstd-compressed msgpack map keyed by text, at most 1 GiB unpacked."""
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(blob) as reader:
+            raw = reader.read(MAX_MANIFEST + 1)
+        if len(raw) > MAX_MANIFEST:
+            raise error(f"{what} is larger than 1 GiB")
+        data = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except (zstandard.ZstdError, ValueError, msgpack.UnpackException) as exc:
+        raise error(f"{what} is malformed: {exc}") from exc
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise error(f"{what} is not a map of paths")
+    return data
+
+
+def unpack_sizes(blob: Any) -> dict[str, int]:
+    """The passive's ``have``: its regular files and their sizes (external input)."""
+    if not isinstance(blob, bytes):
+        raise ProtocolError("manifest: have must be bytes")
+    data = _unpack_map(blob, "manifest: have", ProtocolError)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in data.values()):
+        raise ProtocolError("manifest: have is not a map of paths to sizes")
+    return data
 
 
 def pack_manifest(entries: dict[str, Item]) -> bytes:
@@ -64,71 +108,141 @@ def pack_manifest(entries: dict[str, Item]) -> bytes:
 
 
 def unpack_manifest(blob: bytes) -> dict[str, Item]:
-    try:
-        with zstandard.ZstdDecompressor().stream_reader(blob) as reader:
-            raw = reader.read(MAX_MANIFEST + 1)
-        if len(raw) > MAX_MANIFEST:
-            raise RecloneError("the active's manifest is larger than 1 GiB")
-        data = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-    except (zstandard.ZstdError, ValueError, msgpack.UnpackException) as exc:
-        raise RecloneError(f"the active's manifest is malformed: {exc}") from exc
-    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
-        raise RecloneError("the active's manifest is not a map of paths")
+    data = _unpack_map(blob, "the active's manifest", RecloneError)
     return {path: Item.from_wire(wire) for path, wire in data.items()}
 
 
-def _read_range(path: str, offset: int, length: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise RecloneError(f"{path} is no longer a regular file")
-        return os.pread(fd, length, offset)
-    finally:
-        os.close(fd)
+def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+class _Reading:
+    """One file being read for a passive, range after range, and the hash of what was read.
+
+    The digest given at the end vouches for the bytes sent only if the file held still: it
+    is the file the manifest listed (same size and mtime) when its first range was read,
+    its ``ctime`` lay at least :data:`~stead.system.hashcache.SETTLED_NS` before that (so a
+    write during the reading cannot hide in the same clock tick), every range came in
+    order, and size, times, inode and device are unchanged after its last range. Anything
+    else gives ``""``: the passive fetches the file again against a fresh entry.
+    """
+
+    __slots__ = ("hasher", "identity", "next_offset", "sound", "started_ns")
+
+    def __init__(self, st: os.stat_result, item: Item, started_ns: int) -> None:
+        self.hasher = blake3.blake3()
+        self.started_ns = started_ns
+        self.identity = _identity(st)
+        self.next_offset = 0
+        self.sound = (st.st_size, st.st_mtime_ns) == (item.size, item.mtime_ns) and (
+            st.st_ctime_ns <= started_ns - SETTLED_NS
+        )
 
 
 class Source:
     """The active's side of one reclone connection."""
 
-    def __init__(self, collect: Collect) -> None:
+    def __init__(self, collect: Collect, cache: Path | None = None) -> None:
         self.collect = collect
+        self.cache = cache  # the hash cache that learns the digests of files read whole
         self.served: dict[str, Item] = {}
+        self.reading: dict[str, _Reading] = {}
+        self.learned: list[tuple[str, os.stat_result, bytes, int]] = []
 
     async def serve(self, conn: Connection) -> None:
-        while True:
+        """Answer requests in order until the passive hangs up; the next answer is read
+        from disk while the one before is sent."""
+        answers: asyncio.Queue[m.Reply | None] = asyncio.Queue(SERVE_AHEAD)
+
+        async def answer() -> None:
             try:
-                request = await conn.recv(timeout=MANIFEST_TIMEOUT)  # the passive walks too
-            except SteadError:
-                return
-            if not isinstance(request, m.Request):
-                raise ProtocolError(f"expected a request, got {type(request).__name__}")
-            try:
-                body = await self._answer(request.kind, request.body)
-                reply = m.Reply(id=request.id, ok=True, body=body)
-            except (SteadError, OSError) as exc:
-                reply = m.Reply(id=request.id, ok=False, body={}, error=str(exc) or "failed")
-            await conn.send(reply)
+                while True:
+                    try:
+                        request = await conn.recv(timeout=MANIFEST_TIMEOUT)  # it walks too
+                    except SteadError:
+                        return
+                    if not isinstance(request, m.Request):
+                        raise ProtocolError(f"expected a request, got {type(request).__name__}")
+                    try:
+                        body = await self._answer(request.kind, request.body)
+                        reply = m.Reply(id=request.id, ok=True, body=body)
+                    except (SteadError, OSError) as exc:
+                        error = str(exc) or "failed"
+                        reply = m.Reply(id=request.id, ok=False, body={}, error=error)
+                    await answers.put(reply)
+            finally:
+                await answers.put(None)
+
+        async def send() -> None:
+            while (reply := await answers.get()) is not None:
+                await conn.send(reply)
+
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(answer())
+                tasks.create_task(send())
+        except BaseExceptionGroup as group:
+            raise first_cause(group) from None
+        finally:
+            if self.learned:
+                await asyncio.shield(asyncio.to_thread(self.remember))
+
+    def remember(self) -> None:
+        """Keep the digests of the files read whole and still in the hash cache (blocking):
+        the next reclone's manifest need not read them again."""
+        learned, self.learned = self.learned, []
+        if self.cache is None:
+            return
+        cache = HashCache(self.cache, settled_ns=SETTLED_NS)
+        for path, st, digest, started_ns in learned:
+            cache.store(path, st, digest, started_ns)
+        try:
+            cache.save(keep_previous=True)
+        except OSError as exc:  # a cache: the reclone stands without it
+            log.warning("reclone: hash cache not updated: %s", exc)
 
     async def _answer(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
         if kind == "manifest":
-            self.served = await asyncio.to_thread(self.collect)
-            return {"manifest": await asyncio.to_thread(pack_manifest, self.served)}
+            started = time.monotonic()
+            wanted: HashWanted | None = None
+            if "have" in body:
+                have = await asyncio.to_thread(unpack_sizes, body["have"])
+                wanted = lambda path, size: have.get(path) == size  # noqa: E731
+            hinted = time.monotonic()
+            self.served = await asyncio.to_thread(self.collect, hash_wanted=wanted)
+            self.reading.clear()
+            walked = time.monotonic()
+            blob = await asyncio.to_thread(pack_manifest, self.served)
+            log.info(
+                "reclone manifest of %d paths: hint read in %.2f s, trees walked in %.2f s,"
+                " packed in %.2f s",
+                len(self.served),
+                hinted - started,
+                walked - hinted,
+                time.monotonic() - walked,
+            )
+            return {"manifest": blob}
         if kind == "read":
             items = body.get("items")
             if not isinstance(items, list):
                 raise ProtocolError("read: items must be a list")
-            return {"data": await asyncio.to_thread(self._read, items)}
+            data, digests = await asyncio.to_thread(self._read, items)
+            return {"data": data, "digests": digests}
         if kind == "entry":
             paths = body.get("paths")
             if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
                 raise ProtocolError("entry: paths must be a list of text")
-            fresh = await asyncio.to_thread(self.collect)
+            # Only paths of the manifest served, each looked at again (no walk).
+            served = [p for p in paths if p in self.served]
+            fresh = await asyncio.to_thread(self.collect, only=served)
             self.served.update({p: fresh[p] for p in paths if p in fresh})
             return {"entries": {p: fresh[p].to_wire() for p in paths if p in fresh}}
         raise ProtocolError(f"unknown reclone request {kind!r}")
 
-    def _read(self, items: list[Any]) -> list[bytes]:
-        out, total = [], 0
+    def _read(self, items: list[Any]) -> tuple[list[bytes], list[str | None]]:
+        out: list[bytes] = []
+        digests: list[str | None] = []
+        total = 0
         for item in items:
             if not (isinstance(item, list) and len(item) == 3):
                 raise ProtocolError("read: each item is [path, offset, length]")
@@ -140,8 +254,45 @@ class Source:
             total += length
             if total > BATCH_BYTES:
                 raise ProtocolError(f"read: more than {BATCH_BYTES} bytes asked at once")
-            out.append(_read_range(path, offset, length))
-        return out
+            chunk, digest = self._read_range(path, offset, length)
+            out.append(chunk)
+            digests.append(digest)
+        return out, digests
+
+    def _read_range(self, path: str, offset: int, length: int) -> tuple[bytes, str | None]:
+        """One range, and the file's digest if the range ends it (``""``: it moved)."""
+        item = self.served[path]
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise RecloneError(f"{path} is no longer a regular file")
+            reading = self.reading.pop(path, None)
+            if offset == 0:
+                reading = _Reading(st, item, time.time_ns())
+            elif reading is None or reading.next_offset != offset:
+                reading = _Reading(st, item, time.time_ns())
+                reading.sound = False  # its start was not read here, in order
+            chunk = os.pread(fd, length, offset)
+            reading.hasher.update(chunk)
+            reading.next_offset = offset + len(chunk)
+            if len(chunk) != length or _identity(st) != reading.identity:
+                reading.sound = False
+            if offset + length < item.size:
+                if len(self.reading) >= MAX_READING:  # a passive that never finishes files
+                    self.reading.pop(next(iter(self.reading)))
+                self.reading[path] = reading
+                return chunk, None
+            st = os.fstat(fd)
+            if _identity(st) != reading.identity:
+                reading.sound = False
+            if not reading.sound:
+                return chunk, ""
+            digest = reading.hasher.digest()
+            self.learned.append((path, st, digest, reading.started_ns))
+            return chunk, digest.hex()
+        finally:
+            os.close(fd)
 
 
 @dataclass
@@ -173,6 +324,7 @@ class Fetcher:
         self.conn = conn
         self._ids = itertools.count(1)
         self.progress = Progress()
+        self.verified: dict[str, str] = {}  # path: the digest its staged copy was checked by
 
     async def _call(
         self, kind: str, body: dict[str, Any], timeout: float = REPLY_TIMEOUT
@@ -189,12 +341,34 @@ class Fetcher:
             raise RecloneError(f"the active refused {kind}: {reply.error}")
         return reply.body
 
-    async def manifest(self) -> dict[str, Item]:
-        body = await self._call("manifest", {}, MANIFEST_TIMEOUT)
+    async def manifest(self, have: dict[str, int] | None = None) -> dict[str, Item]:
+        """The active's manifest. Given ``have`` (our regular files and their sizes), only
+        files we might hold already come with a digest; without it, every file does."""
+        request: dict[str, Any] = {}
+        if have is not None:
+            request["have"] = await asyncio.to_thread(pack_sizes, have)
+        body = await self._call("manifest", request, MANIFEST_TIMEOUT)
         blob = body.get("manifest")
         if not isinstance(blob, bytes):
             raise ProtocolError("manifest: no manifest in the reply")
         return await asyncio.to_thread(unpack_manifest, blob)
+
+    async def entries(self, paths: list[str]) -> dict[str, Item]:
+        """Fresh manifest entries of ``paths``, digests included (the active reads these
+        files now); a path the active no longer serves is missing from the answer."""
+        found: dict[str, Item] = {}
+        for start in range(0, len(paths), ENTRY_BATCH):
+            asked = paths[start : start + ENTRY_BATCH]
+            fresh = await self._call("entry", {"paths": asked}, MANIFEST_TIMEOUT)
+            entries = fresh.get("entries")
+            if not isinstance(entries, dict):
+                raise ProtocolError("entry: no entries in the reply")
+            wanted = set(asked)
+            for path, wire in entries.items():
+                if path not in wanted:
+                    raise ProtocolError(f"entry: {path!r} was not asked for")
+                found[path] = Item.from_wire(wire)
+        return found
 
     async def fetch(self, fetches: list[Fetch]) -> None:
         """Every file into its staging name, checked against its hash; symlinks made."""
@@ -211,16 +385,12 @@ class Fetcher:
             changed = await self._copy(pending)
             if not changed:
                 return
-            paths = [f.path for f in changed]
-            fresh = await self._call("entry", {"paths": paths}, MANIFEST_TIMEOUT)
-            entries = fresh.get("entries")
-            if not isinstance(entries, dict):
-                raise ProtocolError("entry: no entries in the reply")
+            entries = await self.entries([f.path for f in changed])
             pending = []
             for f in changed:
                 if f.path not in entries:
                     raise RecloneError(f"{f.path} vanished from the active during the reclone")
-                item = Item.from_wire(entries[f.path])
+                item = entries[f.path]
                 if item.kind != "file":
                     raise RecloneError(f"{f.path} changed kind on the active during the reclone")
                 self.progress.bytes_total += item.size - f.item.size
@@ -250,15 +420,17 @@ class Fetcher:
                 reply = await self.conn.recv(timeout=REPLY_TIMEOUT)
                 body = self._check(reply, request_id, "read")
                 data = body.get("data")
+                digests = body.get("digests", [None] * len(batch))
                 if not isinstance(data, list) or len(data) != len(batch):
                     raise ProtocolError("read: the reply does not match the request")
-                parts: list[tuple[list[tuple[Fetch, int, int]], list[Any]]] = [
-                    ([], []) for _ in lanes
-                ]
-                for piece, chunk in zip(batch, data, strict=True):
+                if not isinstance(digests, list) or len(digests) != len(batch):
+                    raise ProtocolError("read: the digests do not match the request")
+                parts: list[_Part] = [([], [], []) for _ in lanes]
+                for piece, chunk, digest in zip(batch, data, digests, strict=True):
                     part = parts[hash(piece[0].staged) % len(lanes)]  # a file keeps its lane
                     part[0].append(piece)
                     part[1].append(chunk)
+                    part[2].append(digest)
                 for lane, part in zip(lanes, parts, strict=True):
                     if part[0]:
                         await lane.queue.put(part)  # bounded: the writers set the pace
@@ -270,9 +442,9 @@ class Fetcher:
             # arrive in offset order, which the incremental hash needs. Lanes run beside the
             # receive loop and each other, so that one file's metadata waits overlap another's.
             while (entry := await lane.queue.get()) is not None:
-                batch, data = entry
+                batch, data, digests = entry
                 job = asyncio.ensure_future(
-                    asyncio.to_thread(lane.staging.write_batch, batch, data)
+                    asyncio.to_thread(lane.staging.write_batch, batch, data, digests)
                 )
                 try:
                     done = await asyncio.shield(job)
@@ -298,16 +470,19 @@ class Fetcher:
         finally:
             for lane in lanes:
                 lane.staging.close()
+                self.verified.update(lane.staging.verified)
         return changed
+
+
+# One writer's share of an answer: the ranges, their bytes, and the digests the active sent.
+_Part = tuple[list[tuple[Fetch, int, int]], list[Any], list[Any]]
 
 
 class _Lane:
     """One writer thread's share of the files: its queue of answers and its open files."""
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[tuple[list[tuple[Fetch, int, int]], list[Any]] | None] = (
-            asyncio.Queue(WRITE_QUEUE)
-        )
+        self.queue: asyncio.Queue[_Part | None] = asyncio.Queue(WRITE_QUEUE)
         self.staging = Staging()
 
 
@@ -347,22 +522,30 @@ class Staging:
     """Writes answers into staging files and hashes each file as its chunks are written.
 
     Chunks of one file must come in offset order (one writer, batches in request order); the
-    hash fed with them is then exactly the hash of the staged file. A short or out-of-order
-    chunk (the file changed on the active) makes the file fail its check, as a re-read
-    would. As each file completes, its write-back is started (``sync_file_range``), so that
-    the swap's ``syncfs`` finds little left to flush.
+    hash fed with them is then exactly the hash of the staged file. It must equal the
+    manifest's digest or, where the manifest had none, the digest the active sent with the
+    file's last range. A short or out-of-order chunk, or no digest to check against (the
+    file changed on the active), makes the file fail its check, as a re-read would. As each
+    file completes, its write-back is started (``sync_file_range``), so that the swap's
+    ``syncfs`` finds little left to flush.
     """
 
     def __init__(self) -> None:
         self.files: dict[str, _Open] = {}
         self.writer = DirectWriter()  # large chunks bypass the page cache
+        self.verified: dict[str, str] = {}  # path: the digest its staged copy matched
 
     def write_batch(
-        self, batch: list[tuple[Fetch, int, int]], data: list[Any]
+        self,
+        batch: list[tuple[Fetch, int, int]],
+        data: list[Any],
+        digests: list[Any] | None = None,
     ) -> list[tuple[Fetch, bool]]:
         """Write one answer; returns the files it completed and whether each matched."""
         done = []
-        for (f, offset, length), chunk in zip(batch, data, strict=True):
+        if digests is None:
+            digests = [None] * len(batch)
+        for (f, offset, length), chunk, sent in zip(batch, data, digests, strict=True):
             if not isinstance(chunk, bytes) or len(chunk) > length:
                 raise ProtocolError(f"read: bad data for {f.path}")
             state = self.files.get(f.staged)
@@ -379,14 +562,19 @@ class Staging:
             if offset + length >= f.item.size:
                 del self.files[f.staged]
                 try:
-                    os.ftruncate(state.fd, f.item.size)
-                    ok = state.intact and state.hasher.hexdigest() == f.item.digest
-                    if ok and f.item.size >= WRITEBACK_FROM:
-                        start_writeback(state.fd)
+                    if state.offset != f.item.size:  # written whole: already its size
+                        os.ftruncate(state.fd, f.item.size)
+                    expected = f.item.digest or (sent if isinstance(sent, str) else "")
+                    ok = state.intact and bool(expected)
+                    ok = ok and state.hasher.hexdigest() == expected
+                    if ok:
+                        set_meta_fd(state.fd, f.item.meta)  # no path lookups: 50,000 files
+                        if f.item.size >= WRITEBACK_FROM:
+                            start_writeback(state.fd)
                 finally:
                     os.close(state.fd)
                 if ok:
-                    set_meta(f.staged, f.item.meta)
+                    self.verified[f.path] = expected
                 done.append((f, ok))
         return done
 

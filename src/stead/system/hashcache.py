@@ -15,7 +15,10 @@ one exception: the reclone swap records the files it has just renamed into place
 content it verified, while nothing else may write the trees (see :mod:`stead.reclone.swap`).
 
 The cache is a msgpack file in the agent's state directory, replaced atomically; a walk
-keeps the entries of the paths it met and drops the rest. A missing or unreadable file is
+keeps the entries of the paths it met and drops the rest. Each entry is one byte string
+(the five identity fields packed, then the digest): loading 50,000 of them makes no object
+the garbage collector must follow, which in a busy agent cost more than the walk's
+``lstat`` calls did. A missing or unreadable file is
 an empty cache (everything is hashed). Two walks saving at once lose nothing but time:
 every entry checks itself.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import threading
 from pathlib import Path
 from typing import Any
@@ -34,17 +38,17 @@ from stead.fsutil import write_atomic
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2  # 1: [size, mtime_ns, ctime_ns, inode, device, digest] lists
 FILE_NAME = "hash-cache.msgpack"  # in the agent's state directory
 SETTLED_NS = 2 * 10**9  # a ctime this far before the listing cannot still be moving
 MAX_FILE = 1024**3
 
-_Key = tuple[int, int, int, int, int]  # size, mtime_ns, ctime_ns, inode, device
+_KEY = struct.Struct("<QqqQQ")  # size, mtime_ns, ctime_ns, inode, device
 _save_lock = threading.Lock()
 
 
-def key_of(st: os.stat_result) -> _Key:
-    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+def key_of(st: os.stat_result) -> bytes:
+    return _KEY.pack(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
 
 class HashCache:
@@ -54,7 +58,10 @@ class HashCache:
         self.path = path
         self.settled_ns = settled_ns
         self.previous: dict[str, Any] = {}  # as loaded: each entry checked when used
-        self.current: dict[str, tuple[_Key, bytes]] = {}
+        # This walk's entries as they are saved (the identity packed, then the digest); a
+        # hit keeps the loaded entry itself.
+        self.current: dict[str, bytes] = {}
+        self.added = False  # an entry that was not loaded as it is
         self.hits = 0
         self.misses = 0
         if path is not None:
@@ -63,36 +70,39 @@ class HashCache:
     def lookup(self, path: str, st: os.stat_result) -> bytes | None:
         """The cached digest of ``path`` if its identity (``lstat`` result) is unchanged."""
         cached = self.previous.get(path)
-        if cached is not None:
-            key = key_of(st)
-            # As loaded: [size, mtime_ns, ctime_ns, inode, device, digest]
-            if (
-                isinstance(cached, list | tuple)
-                and len(cached) == 6
-                and tuple(cached[:5]) == key
-                and isinstance(cached[5], bytes)
-            ):
-                self.current[path] = (key, cached[5])
-                self.hits += 1
-                return cached[5]
+        if type(cached) is bytes and len(cached) > _KEY.size and cached[: _KEY.size] == key_of(st):
+            self.current[path] = cached
+            self.hits += 1
+            return cached[_KEY.size :]
         self.misses += 1
         return None
+
+    def sizes(self) -> dict[str, int]:
+        """The size of every file as last hashed: what this node held then, a hint only."""
+        size = struct.Struct("<Q")
+        return {
+            path: size.unpack_from(cached)[0]
+            for path, cached in self.previous.items()
+            if type(cached) is bytes and len(cached) > _KEY.size
+        }
 
     def store(self, path: str, st: os.stat_result, digest: bytes, listed_ns: int) -> None:
         """Keep a digest just computed; ``st`` was taken at or after ``listed_ns``."""
         if st.st_ctime_ns < listed_ns - self.settled_ns:
-            self.current[path] = (key_of(st), digest)
+            self.remember(path, st, digest)
 
     def remember(self, path: str, st: os.stat_result, digest: bytes) -> None:
         """Keep the digest of a file verified and placed by us; see the module docstring."""
-        self.current[path] = (key_of(st), digest)
+        self.current[path] = key_of(st) + digest
+        self.added = True
 
     def save(self, *, keep_previous: bool = False) -> None:
         """Write the cache: the entries met by this walk (and the earlier ones if asked)."""
         if self.path is None:
             return
-        current = {p: [*k, d] for p, (k, d) in self.current.items()}
-        entries = {**self.previous, **current} if keep_previous else current
+        if not self.added and (keep_previous or len(self.current) == len(self.previous)):
+            return  # every entry was loaded as it is, and none is dropped: nothing to write
+        entries = {**self.previous, **self.current} if keep_previous else self.current
         if entries == self.previous:
             return
         blob = msgpack.packb({"version": VERSION, "entries": entries}, use_bin_type=True)
@@ -115,8 +125,17 @@ def _load(path: Path) -> dict[str, Any]:
         return {}
     try:
         data = msgpack.unpackb(blob, raw=False, strict_map_key=True)
+        if (
+            isinstance(data, dict)
+            and isinstance(data.get("version"), int)
+            and (data["version"] != VERSION)
+        ):
+            log.info(
+                "hash cache %s is of version %s: hashing everything once", path, data["version"]
+            )
+            return {}
         if not isinstance(data, dict) or data.get("version") != VERSION:
-            raise ValueError("not a hash cache of this version")
+            raise ValueError("not a hash cache")
         entries = data["entries"]
         if not isinstance(entries, dict):
             raise ValueError("no map of entries")

@@ -75,6 +75,9 @@ VIRTUAL_FS = frozenset(
 )
 
 HashFile = Callable[[str], tuple[bytes, int]]
+# Whether a regular file's content must be read now, given its path and size: a file it
+# declines is recorded with its size and an empty digest (unless the cache knows it).
+HashWanted = Callable[[str, int], bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,10 +271,6 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
-def _under(path: str, roots: Iterable[str]) -> bool:
-    return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
-
-
 class _Walk:
     def __init__(
         self,
@@ -280,11 +279,16 @@ class _Walk:
         max_entries: int,
         virtual: frozenset[str],
         cache: HashCache | None,
+        hash_wanted: HashWanted | None = None,
     ) -> None:
         self.cache = cache
+        self.hash_wanted = hash_wanted
         self.excluded = PathSet(list(scope.exclude))
         self.preserved = PathSet(list(scope.preserve))
-        self.skip = tuple(os.path.normpath(p) for p in scope.skip)
+        skip = [os.path.normpath(p) for p in scope.skip]
+        # Once per path of the trees: a set and one startswith over prefixes made once.
+        self.skip = frozenset(skip)
+        self.skip_below = tuple(p.rstrip("/") + "/" for p in skip)
         self.hash_file = hash_file
         self.max_entries = max_entries
         self.virtual = virtual
@@ -332,7 +336,7 @@ class _Walk:
             pending.extend(sorted(children, key=lambda c: c[0], reverse=True))
 
     def _keep(self, path: str) -> bool:
-        if _under(path, self.skip) or path in self.virtual:
+        if path in self.skip or path.startswith(self.skip_below) or path in self.virtual:
             self.manifest.skipped.append(path)
             return False
         if path in self.excluded:
@@ -370,12 +374,14 @@ class _Walk:
         return entry
 
     def _file(self, path: str, st: os.stat_result, listed: int) -> tuple[bytes, int]:
-        if self.cache is None:
-            return self.hash_file(path)
-        cached = self.cache.lookup(path, st)
+        cached = self.cache.lookup(path, st) if self.cache is not None else None
         if cached is not None:
             return cached, st.st_size
+        if self.hash_wanted is not None and not self.hash_wanted(path, st.st_size):
+            return b"", st.st_size
         digest, size = self.hash_file(path)
+        if self.cache is None:
+            return digest, size
         if size == st.st_size:  # read what was listed (a file still growing is not kept)
             self.cache.store(path, st, digest, listed)
         return digest, size
@@ -388,6 +394,7 @@ def build_manifest(
     max_entries: int = MAX_ENTRIES,
     virtual: frozenset[str] | None = None,
     cache: HashCache | None = None,
+    hash_wanted: HashWanted | None = None,
 ) -> SystemManifest:
     """Walk the trees of ``scope`` into a :class:`SystemManifest` (blocking).
 
@@ -396,11 +403,50 @@ def build_manifest(
     mount namespace's virtual file systems). Raises :class:`UsageError` past
     ``max_entries`` paths. With a ``cache`` (:class:`~stead.system.hashcache.HashCache`),
     a file whose size, mtime, ctime, inode and device are those it was hashed with is not
-    read again; the cache is saved with what this walk met.
+    read again; the cache is saved with what this walk met. With ``hash_wanted``, a regular
+    file it declines (by path and size) is not read: its entry has an empty digest, unless
+    the cache held one.
     """
     if virtual is None:
         virtual = virtual_mounts()
-    manifest = _Walk(scope, hash_file, max_entries, virtual, cache).run()
+    manifest = _Walk(scope, hash_file, max_entries, virtual, cache, hash_wanted).run()
     if cache is not None:
         cache.save()
     return manifest
+
+
+def manifest_of_paths(
+    scope: Scope,
+    paths: Iterable[str],
+    *,
+    hash_file: HashFile = hash_file,
+    cache: HashCache | None = None,
+) -> SystemManifest:
+    """The entries of just ``paths``, each recorded and hashed as a walk would (blocking).
+
+    For paths a walk of ``scope`` listed a moment ago: a path outside the trees, left out by
+    the scope, gone since, or reached through a symbolic link (a directory replaced by one)
+    is missing from the result. The cache is consulted, not saved.
+    """
+    walk = _Walk(scope, hash_file, MAX_ENTRIES, virtual_mounts(), cache)
+    # Each tree as named, and where it really is (a link above a tree is followed by the
+    # walk too; one below it is not).
+    trees = [(tree.rstrip("/"), os.path.realpath(tree)) for tree in scope.trees]
+    for path in paths:
+        if os.path.normpath(path) != path:
+            continue
+        parent = os.path.dirname(path)
+        inside = [
+            real + parent[len(tree) :]
+            for tree, real in trees
+            if path.startswith(tree + "/") and path != tree
+        ]
+        if not inside or os.path.realpath(parent) != inside[0] or not walk._keep(path):
+            continue
+        listed = time.time_ns()
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        walk._record(path, st, listed)
+    return walk.manifest
