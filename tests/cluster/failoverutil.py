@@ -200,8 +200,7 @@ def switchover(lab: Lab, source: str, target: str) -> dict[str, Any]:
     job = agent(lab, source).call("POST", "/v1/switchover", {"to": target})
     deadline = time.monotonic() + 120
     while job["state"] == "running" and time.monotonic() < deadline:
-        time.sleep(0.05)  # polling a job of another process: nothing to await
-        job = agent(lab, source).call("GET", f"/v1/jobs/{job['id']}")
+        job = agent(lab, source).call("GET", f"/v1/jobs/{job['id']}?wait=5")  # at its end
     assert job["state"] == "done", job
     wait_active(lab, target)
     return dict(job)

@@ -119,6 +119,31 @@ async def test_jobs(api: tuple[StubAgent, Path]) -> None:
     assert status == 400
 
 
+async def test_a_job_question_waits_for_its_end(api: tuple[StubAgent, Path]) -> None:
+    """``?wait=S`` answers at once when the job ends, else after S seconds (no polling)."""
+    agent, path = api
+    _, job = await _call(path, "POST", "/v1/check", json={"node": "secondary"})
+    url = f"/v1/jobs/{job['id']}"
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    status, still = await _call(path, "GET", f"{url}?wait=0.2")
+    assert (status, still["state"]) == (200, "running")
+    assert loop.time() - started >= 0.2
+    the_job = agent.jobs.get(job["id"])
+    assert the_job is not None
+    loop.call_later(0.3, the_job.finish)  # ends while the next question waits
+    started = loop.time()
+    status, done = await _call(path, "GET", f"{url}?wait=30")
+    assert (status, done["state"]) == (200, "done")
+    assert 0.3 <= loop.time() - started < 5
+    status, again = await _call(path, "GET", f"{url}?wait=30")  # ended: no waiting
+    assert (status, again["state"]) == (200, "done")
+    for bad in ("soon", "-1", "31", "nan", "inf"):
+        status, body = await _call(path, "GET", f"{url}?wait={bad}")
+        assert status == 400, bad
+        assert "wait" in body["error"]
+
+
 async def test_other_users_are_refused() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to become another user")

@@ -68,3 +68,45 @@ def test_readme_lists_every_error_and_exit_code() -> None:
         template = (cls.__doc__ or "").strip().splitlines()[0]
         row = f"| {cls.exit_code} | `{cls.__name__}` | {template} |"
         assert row in readme, f"README's exit-code table lacks {cls.__name__}"
+
+
+def test_one_command_loads_only_its_own_modules(tmp_path: Path) -> None:
+    """``stead wait-sync`` imports neither the other commands nor the configuration models
+    (the whole CLI took about 1 s to import, twice what one command needs)."""
+    probe = (
+        "import sys\n"
+        f"sys.argv = ['stead', 'wait-sync', '--socket', {str(tmp_path / 'none.sock')!r}]\n"
+        "from stead.cli.main import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('stead.'))))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    loaded = set(done.stdout.split())
+    assert "stead.cli.status" in loaded
+    for heavy in ("stead.cli.lab", "stead.cli.configure", "stead.cli.patch", "stead.config.schema"):
+        assert heavy not in loaded
+
+
+def test_help_lists_every_command() -> None:
+    from stead.cli.main import COMMANDS
+
+    result = _stead("--help")
+    assert result.returncode == 0
+    listed = {line.split()[1] for line in result.stdout.splitlines() if line.startswith("│ ")}
+    assert set(COMMANDS) <= listed
+
+
+def test_socket_from_the_node_file_alone(tmp_path: Path) -> None:
+    from stead.cli.client import node_socket
+
+    (tmp_path / "node.toml").write_text('node = "a"\napi_socket = "run/agent.sock"\n')
+    assert node_socket(tmp_path) == tmp_path / "run/agent.sock"  # no cluster.toml needed
+    (tmp_path / "node.toml").write_text('node = "a"\n')
+    assert node_socket(tmp_path) == Path("/run/stead/agent.sock")
+    (tmp_path / "node.toml").write_text('node = "a"\napi_socket = 5\n')
+    with pytest.raises(ConfigError) as caught:
+        node_socket(tmp_path)  # unusable: the full load says why
+    assert str(tmp_path / "cluster.toml") in str(caught.value.problems)
+    assert any("api_socket" in p for p in caught.value.problems)

@@ -1,14 +1,21 @@
-"""Long operator requests (checks) run as jobs that the CLI polls for progress."""
+"""Long operator requests (checks, reclones, switchovers) run as jobs that the CLI follows.
+
+``GET /v1/jobs/{id}?wait=S`` answers as soon as the job ends, or after ``S`` seconds with
+its progress so far: a client follows a job without sleeping between questions, and learns
+of its end at once.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 MAX_JOBS = 100
+MAX_WAIT = 30.0  # seconds one question may wait for a job's end
 
 
 @dataclass
@@ -23,12 +30,21 @@ class Job:
     result: dict[str, Any] = field(default_factory=dict)
     error: str = ""
     task: asyncio.Task[None] | None = None
+    ended: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def finish(self) -> None:
         self.state, self.finished = "done", time.time()
+        self.ended.set()
 
     def fail(self, error: str) -> None:
         self.state, self.finished, self.error = "failed", time.time(), error
+        self.ended.set()
+
+    async def wait(self, seconds: float) -> None:
+        """Return once the job has ended, or after ``seconds`` (at most :data:`MAX_WAIT`)."""
+        if self.state == "running" and seconds > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.ended.wait(), min(seconds, MAX_WAIT))
 
     def describe(self) -> dict[str, Any]:
         return {

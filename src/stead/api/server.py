@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from stead.agent.jobs import MAX_WAIT
 from stead.api import reclone
 from stead.api.body import json_object
 from stead.errors import SteadError
@@ -156,9 +157,18 @@ async def get_job(request: web.Request) -> web.Response:
         job_id = int(request.match_info["job"])
     except ValueError:
         raise UsageError("job id must be a number") from None
+    wait = 0.0
+    if "wait" in request.query:
+        try:
+            wait = float(request.query["wait"])
+        except ValueError:
+            raise UsageError("wait must be a number of seconds") from None
+        if not 0 <= wait <= MAX_WAIT:  # NaN fails this too
+            raise UsageError(f"wait must be between 0 and {MAX_WAIT:g} seconds")
     job = _agent(request).jobs.get(job_id)
     if job is None:
         return web.json_response({"error": f"no job {job_id}"}, status=404)
+    await job.wait(wait)
     return web.json_response(job.describe())
 
 

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from stead.cli.client import AgentClient, find_socket
 from stead.cli.options import ConfigDirOption, JsonOption, SocketOption
 
-POLL_SECONDS = 0.2
+PROGRESS_SECONDS = 0.2  # a job question returns at its end or after this
 
 
 def check(
@@ -46,8 +46,7 @@ def check(
             if time.monotonic() > deadline:
                 console.print("[red]check still running; giving up waiting[/red]")
                 raise typer.Exit(51)
-            time.sleep(POLL_SECONDS)  # polling a job on another process: nothing to await
-            job = client.call("GET", f"/v1/jobs/{job['id']}")
+            job = client.call("GET", f"/v1/jobs/{job['id']}?wait={PROGRESS_SECONDS}")
             info: dict[str, Any] = job.get("progress", {})
             progress.update(
                 bar,

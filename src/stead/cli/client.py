@@ -6,13 +6,14 @@ import http.client
 import json
 import os
 import socket
+import tomllib
 from pathlib import Path
 from typing import Any
 
-from stead.config.load import NODE_FILE, config_dir, load
+from stead.config.paths import DEFAULT_API_SOCKET, NODE_FILE, config_dir, resolve
 from stead.errors import AgentUnavailable, SteadError, TimeoutExpired, UsageError
 
-DEFAULT_SOCKET = Path("/run/stead/agent.sock")
+DEFAULT_SOCKET = Path(DEFAULT_API_SOCKET)
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -36,15 +37,31 @@ def find_socket(explicit: Path | None = None, directory: Path | None = None) -> 
     if explicit:
         return explicit
     if directory or os.environ.get("STEAD_CONFIG_DIR"):
-        return load(config_dir(directory)).api_socket
+        return node_socket(config_dir(directory))
     if (config_dir() / NODE_FILE).is_file():
-        return load(config_dir()).api_socket
+        return node_socket(config_dir())
     from stead.lab.state import find_lab
 
     lab = find_lab()
     if lab is not None:
         return lab.active_socket()
     return DEFAULT_SOCKET
+
+
+def node_socket(directory: Path) -> Path:
+    """The agent's socket as the node file names it. Only the node file is read (loading
+    the configuration's models costs a client a third of a second); a node file that cannot
+    be read or names no usable socket is loaded in full, for the error that says why."""
+    try:
+        with (directory / NODE_FILE).open("rb") as handle:
+            value = tomllib.load(handle).get("api_socket", DEFAULT_API_SOCKET)
+    except (OSError, tomllib.TOMLDecodeError):
+        value = None
+    if isinstance(value, str) and value:
+        return resolve(directory, value)
+    from stead.config.load import load
+
+    return load(directory).api_socket
 
 
 class AgentClient:

@@ -6,7 +6,8 @@ import typer
 from rich.console import Console
 
 from stead.cli.options import ConfigDirOption
-from stead.config.load import config_dir, load
+from stead.config.load import load
+from stead.config.paths import config_dir
 from stead.errors import ConfigError
 
 app = typer.Typer(help="Check the configuration.", no_args_is_help=True)

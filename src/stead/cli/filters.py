@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from stead.cli.options import ConfigDirOption, JsonOption
-from stead.config.load import config_dir, load_cluster
+from stead.config.load import load_cluster
+from stead.config.paths import config_dir
 from stead.replication.filters import Decision, Filter
 
 

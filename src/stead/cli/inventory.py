@@ -15,7 +15,8 @@ import typer
 
 from stead.cli.client import AgentClient, find_socket
 from stead.cli.options import ConfigDirOption, SocketOption
-from stead.config.load import config_dir, load
+from stead.config.load import load
+from stead.config.paths import config_dir
 from stead.config.schema import ClusterConfig
 from stead.errors import SteadError, UsageError
 

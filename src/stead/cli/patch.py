@@ -18,7 +18,8 @@ from typing import Annotated
 import typer
 
 from stead.cli.options import ConfigDirOption, JsonOption, SocketOption
-from stead.config.load import NODE_FILE, config_dir, load
+from stead.config.load import load
+from stead.config.paths import NODE_FILE, config_dir
 from stead.config.schema import ClusterConfig
 from stead.errors import PatchError, SteadError
 from stead.patching import PatchOptions, Plan, Report, StepResult, build_plan, connect_argv

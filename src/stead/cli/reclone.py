@@ -21,7 +21,7 @@ from stead.cli.client import AgentClient, find_socket
 from stead.cli.options import ConfigDirOption, JsonOption, SocketOption
 from stead.errors import RecloneError
 
-POLL_SECONDS = 0.3
+PROGRESS_SECONDS = 0.3  # a job question returns at its end or after this
 SUBCOMMANDS = ("run", "rollback", "history")
 
 
@@ -100,8 +100,7 @@ def _follow(client: AgentClient, job: dict[str, Any], timeout: float, show: bool
             if time.monotonic() > deadline:
                 console.print("[red]reclone still running; giving up waiting[/red]")
                 raise typer.Exit(51)
-            time.sleep(POLL_SECONDS)  # polling a job of another process: nothing to await
-            job = client.call("GET", f"/v1/jobs/{job['id']}")
+            job = client.call("GET", f"/v1/jobs/{job['id']}?wait={PROGRESS_SECONDS}")
             info: dict[str, Any] = job.get("progress", {})
             moved: dict[str, Any] = info.get("progress") or {}
             progress.update(

@@ -15,7 +15,7 @@ from stead.cli.client import AgentClient, find_socket
 from stead.cli.options import ConfigDirOption, JsonOption, SocketOption
 from stead.errors import UsageError
 
-POLL_SECONDS = 0.1
+PROGRESS_SECONDS = 0.1  # a job question returns at its end or after this
 
 
 def switchover(
@@ -49,12 +49,12 @@ def switchover(
         if time.monotonic() > deadline:
             console.print("[red]switchover still running; giving up waiting[/red]")
             raise typer.Exit(51)
-        time.sleep(POLL_SECONDS)  # polling a job on another process: nothing to await
         try:
-            job = client.call("GET", f"/v1/jobs/{job['id']}")
+            job = client.call("GET", f"/v1/jobs/{job['id']}?wait={PROGRESS_SECONDS}")
         except Exception:  # the old active's API may be busy changing role: ask again
             if time.monotonic() > deadline:
                 raise
+            time.sleep(PROGRESS_SECONDS)  # it cannot be asked now: nothing to await
     if as_json:
         print(json.dumps(job, indent=2))
     elif job["state"] == "done":

@@ -22,7 +22,8 @@ from rich.table import Table
 
 from stead.cli.client import AgentClient, find_socket
 from stead.cli.options import ConfigDirOption, JsonOption, SocketOption
-from stead.config.load import CLUSTER_FILE, config_dir, load_cluster
+from stead.config.load import load_cluster
+from stead.config.paths import CLUSTER_FILE, config_dir
 from stead.errors import ConfigError, UsageError
 from stead.reclone.schedule import Schedule, parse_schedule, zone_of
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stead import pki
-from stead.config.load import CLUSTER_FILE, NODE_FILE, load
+from stead.config.load import load
+from stead.config.paths import CLUSTER_FILE, NODE_FILE
 from stead.config.schema import NODE_NAME_RE
 from stead.errors import UsageError
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,14 +9,11 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from stead.config.paths import CLUSTER_FILE, NODE_FILE, config_dir, resolve
 from stead.config.schema import ClusterConfig, NodeConfig
 from stead.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
-
-DEFAULT_CONFIG_DIR = Path("/etc/stead")
-CLUSTER_FILE = "cluster.toml"
-NODE_FILE = "node.toml"
 
 
 @dataclass(frozen=True)
@@ -30,8 +26,7 @@ class Loaded:
 
     def path(self, value: str) -> Path:
         """A path from the node file, relative ones taken from the configuration directory."""
-        candidate = Path(value)
-        return candidate if candidate.is_absolute() else self.directory / candidate
+        return resolve(self.directory, value)
 
     @property
     def state_dir(self) -> Path:
@@ -44,13 +39,6 @@ class Loaded:
     @property
     def name(self) -> str:
         return self.node.node
-
-
-def config_dir(explicit: Path | str | None = None) -> Path:
-    if explicit:
-        return Path(explicit)
-    env = os.environ.get("STEAD_CONFIG_DIR")
-    return Path(env) if env else DEFAULT_CONFIG_DIR
 
 
 def read_toml(path: Path) -> dict[str, Any]:

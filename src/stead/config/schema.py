@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from stead.config.dns import DnsSection
+from stead.config.paths import DEFAULT_API_SOCKET
 from stead.config.reclone import RecloneSection
 from stead.config.system import PatchSection, SystemSection
 from stead.services.config import ServiceSpec
@@ -466,7 +467,7 @@ class NodeConfig(_Strict):
     key: str = "node.key"
     ca: str = "ca.pem"
     state_dir: str = "/var/lib/stead"
-    api_socket: str = "/run/stead/agent.sock"
+    api_socket: str = DEFAULT_API_SOCKET
     log_format: Literal["text", "json"] = "text"
     listen: list[str] = Field(
         default_factory=list, description="addresses to listen on; default: the node's addresses"

@@ -38,7 +38,8 @@ import tomlkit
 
 from stead import pki
 from stead.config.init import NodeSpec, create_cluster, render_cluster, render_node
-from stead.config.load import CLUSTER_FILE, NODE_FILE, config_dir, load, read_toml
+from stead.config.load import load, read_toml
+from stead.config.paths import CLUSTER_FILE, NODE_FILE, config_dir
 from stead.config.schema import ClusterConfig
 from stead.config.wizard_rules import validate_draft
 from stead.config.wizard_toml import sync_document, write_atomic

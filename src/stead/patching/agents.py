@@ -24,7 +24,8 @@ from stead.cli.client import AgentClient
 from stead.errors import AgentUnavailable, SteadError, TimeoutExpired
 from stead.patching.run import CommandResult
 
-JOB_POLL_SECONDS = 0.1
+JOB_WAIT_SECONDS = 5.0  # a job question returns at its end or after this
+JOB_RETRY_SECONDS = 0.1
 STATUS_TIMEOUT = 10.0
 KILL_GRACE_SECONDS = 5.0
 
@@ -51,10 +52,10 @@ class SocketAgent:
         while job.get("state") == "running":
             if time.monotonic() > deadline:
                 raise TimeoutExpired(f"the switchover to {to} still runs after {timeout:g} s")
-            time.sleep(JOB_POLL_SECONDS)  # a job of another process: nothing to await
             try:
-                job = dict(client.call("GET", f"/v1/jobs/{job['id']}"))
+                job = dict(client.call("GET", f"/v1/jobs/{job['id']}?wait={JOB_WAIT_SECONDS}"))
             except SteadError:  # the API may be busy while the agent changes role: ask again
+                time.sleep(JOB_RETRY_SECONDS)  # it cannot be asked now: nothing to await
                 continue
         if job.get("state") != "done":
             raise SteadError(f"the switchover to {to} failed: {job.get('error')}")
