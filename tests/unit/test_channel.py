@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -457,6 +458,72 @@ def test_unknown_flags_and_bad_payloads() -> None:
         decode_frame(framing.HEADER.pack(4, framing.FLAG_ZSTD) + b"junk")
     with pytest.raises(ProtocolError, match="does not match"):
         decode_frame(framing.HEADER.pack(9, 0) + b"\x80")
+
+
+@pytest.mark.parametrize("mode", ["auto", "always", "never"])
+def test_tail_round_trip(mode: framing.CompressionMode) -> None:
+    """Raw parts after the map come back as views of the frame, byte for byte."""
+    tail = [b"", b"x", os.urandom(100), b"a" * 70_000, os.urandom(3), b"b" * 200_000]
+    parts = framing.encode_frame_tail({"type": "reply", "n": 1}, tail, Compression(mode))
+    frame = b"".join(parts)
+    assert frame[4] & framing.FLAG_TAIL
+    assert bool(frame[4] & framing.FLAG_ZSTD) == (mode != "never")  # auto: link rate unknown
+    if mode == "never":
+        # Large parts are written as they are, small ones joined into runs.
+        assert any(part is tail[3] for part in parts) and any(p is tail[5] for p in parts)
+        assert len(parts) < 2 + len(tail)
+    wire = decode_frame(frame)
+    assert [bytes(p) for p in wire["tail"]] == tail
+    assert all(isinstance(p, memoryview) for p in wire["tail"])
+    assert wire["n"] == 1
+
+
+def test_malformed_tails_are_refused() -> None:
+    def framed(payload: bytes, flags: int = framing.FLAG_TAIL) -> bytes:
+        return framing.HEADER.pack(len(payload), flags) + payload
+
+    head = msgpack.packb({"type": "reply", "tail": [3, 2]})
+    good = framing.MAP_LENGTH.pack(len(head)) + head + b"abcde"
+    assert [bytes(p) for p in decode_frame(framed(good))["tail"]] == [b"abc", b"de"]
+    cases = {
+        "too short": b"\0\0",
+        "exceeds the frame": framing.MAP_LENGTH.pack(10_000) + head,
+        "do not match": framing.MAP_LENGTH.pack(len(head)) + head + b"abcdef",
+    }
+    for complaint, payload in cases.items():
+        with pytest.raises(ProtocolError, match=complaint):
+            decode_frame(framed(payload))
+    for sizes in ([-1, 6], [True, 4], "5", [5.0]):
+        head = msgpack.packb({"type": "reply", "tail": sizes})
+        with pytest.raises(ProtocolError, match="do not match"):
+            decode_frame(framed(framing.MAP_LENGTH.pack(len(head)) + head + b"abcde"))
+    with pytest.raises(ProtocolError, match="without one"):  # a tail key, no tail flag
+        decode_frame(framed(msgpack.packb({"type": "reply", "tail": [1]}), 0))
+    forged = {"type": "reply", "id": 1, "ok": True, "body": {}, "error": "", "tail": [1]}
+    with pytest.raises(ProtocolError, match="tail"):  # a reply built from a forged map
+        m.parse_message(forged)
+
+
+async def test_a_reply_with_a_tail_over_tls(
+    pki_dir: dict[str, Identity], start_server: Any
+) -> None:
+    data = (b"", os.urandom(10), os.urandom(300_000), os.urandom(5000))
+
+    async def answer(conn: Connection) -> None:
+        request = await conn.recv(timeout=TIMEOUT)
+        assert isinstance(request, m.Request)
+        await conn.send(m.Reply(id=request.id, ok=True, body={"n": 4}, data=data))
+        with contextlib.suppress(ChannelError):
+            await conn.recv(timeout=TIMEOUT)
+
+    server = await start_server(answer)
+    async with await connect(HOST, server.port, client_ctx(pki_dir, "secondary"), "primary",
+                             TIMEOUT) as conn:  # fmt: skip
+        await conn.send(m.Request(id=7, kind="read", body={}))
+        reply = await conn.recv(timeout=TIMEOUT)
+    assert isinstance(reply, m.Reply)
+    assert (reply.id, reply.body) == (7, {"n": 4})
+    assert [bytes(d) for d in reply.data] == list(data)
 
 
 def test_zip_bomb_with_declared_size_refused() -> None:

@@ -7,7 +7,6 @@ injected faults: chunks out of order or short must fail a file's check, never pa
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any, cast
 import blake3
 import pytest
 
+from stead.channel import framing
 from stead.channel import messages as m
 from stead.channel.transport import Connection
 from stead.errors import ProtocolError, SteadError
@@ -38,6 +38,30 @@ class _Pipe:
         return await asyncio.wait_for(self.inbox.get(), timeout)
 
 
+class _FramedPipe(_Pipe):
+    """A pipe that sends every message through the channel's framing, as a connection
+    does: tails travel raw and arrive as views of the frame. Counts the frames with tails;
+    ``old_active`` drops the tail request, as an active that predates tails would."""
+
+    def __init__(self, *args: Any, old_active: bool = False) -> None:
+        super().__init__(*args)
+        self.tails = 0
+        self.old_active = old_active
+
+    async def send(self, message: m.Message) -> None:
+        if self.old_active and isinstance(message, m.Request):
+            message = m.Request(message.id, message.kind, {**message.body, "tail": None})
+        tail = message.tail()
+        if tail:
+            frame = b"".join(framing.encode_frame_tail(message.to_wire(), tail))
+        else:
+            frame = framing.encode_frame(message.to_wire())
+        _, flags = framing.parse_header(frame[: framing.HEADER_SIZE])
+        self.tails += bool(flags & framing.FLAG_TAIL)
+        payload = bytearray(frame[framing.HEADER_SIZE :])
+        await self.outbox.put(m.parse_message(framing.decode_payload(payload, flags)))
+
+
 def _item(path: Path) -> Item:
     data = path.read_bytes()
     st = path.stat()
@@ -55,7 +79,7 @@ def _files(root: Path) -> dict[str, Item]:
 
 def _undigested(files: dict[str, Item]) -> dict[str, Item]:
     """The manifest an active gives for files the passive lacks: no digests."""
-    return {path: dataclasses.replace(item, digest="") for path, item in files.items()}
+    return {path: item._replace(digest="") for path, item in files.items()}
 
 
 def _fetches(files: dict[str, Item], stage: Path) -> list[Fetch]:
@@ -171,7 +195,7 @@ class _Counting(Source):
         super().__init__(collect)
         self.kinds: list[str] = []
 
-    async def _answer(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _answer(self, kind: str, body: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         self.kinds.append(kind)
         return await super()._answer(kind, body)
 
@@ -285,11 +309,11 @@ def test_fresh_entries_come_in_batches_and_only_for_the_paths_asked(
     class Lying(_Counting):
         """Answers with one entry more than was asked for."""
 
-        async def _answer(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
-            answer = await super()._answer(kind, body)
+        async def _answer(self, kind: str, body: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+            answer, data = await super()._answer(kind, body)
             if kind == "entry":
                 answer["entries"]["/etc/shadow"] = files[paths[0]].to_wire()
-            return answer
+            return answer, data
 
     def entries(source: Source) -> dict[str, Item]:
         found: dict[str, Item] = {}
@@ -306,3 +330,38 @@ def test_fresh_entries_come_in_batches_and_only_for_the_paths_asked(
     # A path that was not asked for is a protocol error, never an entry.
     with pytest.raises(ProtocolError, match="not asked for"):
         entries(Lying(lambda **_: dict(files)))
+
+
+@pytest.mark.parametrize("old_active", [False, True])
+def test_file_data_travels_as_frame_tails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, old_active: bool
+) -> None:
+    """Read answers carry the bytes as raw tails, written from views of the received frame;
+    an active that predates tails answers with a list, which works as well."""
+    monkeypatch.setattr(transfer, "BATCH_BYTES", 5000)
+    files = _files(tmp_path / "active")
+    fetches = _fetches(files, tmp_path / "stage")
+
+    async def run() -> int:
+        a: asyncio.Queue[m.Message] = asyncio.Queue()
+        b: asyncio.Queue[m.Message] = asyncio.Queue()
+        fetcher = Fetcher(cast(Connection, _FramedPipe(a, b, old_active=old_active)))
+        active_end = _FramedPipe(b, a)
+        server = asyncio.create_task(Source(lambda **_: dict(files)).serve(
+            cast(Connection, active_end)))  # fmt: skip
+        try:
+            await fetcher.manifest()
+            await fetcher.fetch(_undigested_fetches(fetches))
+        finally:
+            server.cancel()
+        return active_end.tails
+
+    tails = asyncio.run(run())
+    assert (tails == 0) == old_active
+    for f in fetches:
+        assert Path(f.staged).read_bytes() == Path(f.path).read_bytes()
+
+
+def _undigested_fetches(fetches: list[Fetch]) -> list[Fetch]:
+    """Checked against the digests the active sends with the last range of each file."""
+    return [f._replace(item=f.item._replace(digest="")) for f in fetches]

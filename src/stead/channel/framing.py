@@ -1,7 +1,12 @@
 """Frames on a byte stream: the only way bytes travel between two nodes.
 
 A frame is a 5-byte header, a 4-byte big-endian payload length and a flags byte (bit 0: the
-payload is zstd-compressed; every other bit must be zero), then the payload: one msgpack map.
+payload is zstd-compressed; bit 1: the map has a tail; every other bit must be zero), then
+the payload: one msgpack map. With a tail, the (decompressed) payload is instead the map's
+length (4 bytes, big-endian), the map, and raw bytes: the parts the map's ``tail`` key
+lists by length. Bulk data (file contents) travels as a tail, so that it is neither copied
+into a msgpack buffer when sent nor out of one when received: the receiver gets views of
+the frame it read.
 Strings are packed and unpacked with ``surrogateescape``, so a Linux file name that is not
 valid UTF-8 travels as a ``str`` holding surrogates and comes back byte for byte.
 
@@ -34,7 +39,10 @@ from stead.errors import ChannelError, FrameTooLarge, ProtocolError
 HEADER = struct.Struct(">IB")
 HEADER_SIZE = HEADER.size
 FLAG_ZSTD = 0x01
-KNOWN_FLAGS = FLAG_ZSTD
+FLAG_TAIL = 0x02
+KNOWN_FLAGS = FLAG_ZSTD | FLAG_TAIL
+TAIL_KEY = "tail"
+MAP_LENGTH = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 
 CompressionMode = Literal["auto", "always", "never"]
@@ -100,18 +108,27 @@ class Compression:
         """True while ``auto`` has given up on compression for a while."""
         return self._skip > 0
 
+    def passes(self, size: int) -> bool:
+        """Whether a payload of ``size`` bytes goes as it is without a try (counted as
+        such); False: :meth:`apply` will try to compress it."""
+        if self.mode == "always":
+            return False
+        if self.mode == "never" or size < self.min_size or self.link_is_fast:
+            self.frames_plain += 1
+            return True
+        if self._skip > 0:
+            self._skip -= 1
+            self.frames_plain += 1
+            return True
+        return False
+
     def apply(self, raw: bytes) -> tuple[int, bytes]:
         """Return ``(flags, payload)`` for one frame's msgpack bytes."""
-        if self.mode == "never":
-            return self._plain(raw)
+        if self.passes(len(raw)):
+            return 0, raw
         if self.mode == "always":
             self.frames_compressed += 1
             return FLAG_ZSTD, self._compressor.compress(raw)
-        if len(raw) < self.min_size or self.link_is_fast:
-            return self._plain(raw)
-        if self._skip > 0:
-            self._skip -= 1
-            return self._plain(raw)
         packed = self._compressor.compress(raw)
         self._learn(len(raw), len(packed))
         if len(packed) >= len(raw):
@@ -170,6 +187,53 @@ def encode_frame_parts(
     return HEADER.pack(len(payload), flags), payload
 
 
+def encode_frame_tail(
+    obj: dict[str, Any],
+    tail: list[bytes],
+    compression: Compression | None = None,
+    max_frame: int = DEFAULT_MAX_FRAME,
+) -> list[bytes]:
+    """The frame for ``obj`` with ``tail`` as raw parts after it: header first, then the
+    parts to write in order (the tail's own buffers, unless the frame is compressed)."""
+    raw = pack({**obj, TAIL_KEY: [len(part) for part in tail]})
+    head = MAP_LENGTH.pack(len(raw)) + raw
+    size = len(head) + sum(len(part) for part in tail)
+    if size > max_frame:
+        raise FrameTooLarge(
+            f"outgoing message of {size} bytes exceeds the frame limit of {max_frame}"
+        )
+    if compression is None or compression.passes(size):
+        return [HEADER.pack(size, FLAG_TAIL), *_runs([head, *tail])]
+    flags, payload = compression.apply(b"".join([head, *tail]))
+    return [HEADER.pack(len(payload), flags | FLAG_TAIL), payload]
+
+
+RUN = 64 * 1024  # parts smaller than this are joined into runs of about this size
+
+
+def _runs(parts: list[bytes]) -> list[bytes]:
+    """The same bytes in fewer pieces: large parts as they are (no copy), small ones joined
+    (a TLS record and a call per part would cost more than copying a few KiB)."""
+    out: list[bytes] = []
+    small: list[bytes] = []
+    size = 0
+    for part in parts:
+        if len(part) >= RUN:
+            if small:
+                out.append(b"".join(small))
+                small, size = [], 0
+            out.append(part)
+            continue
+        small.append(part)
+        size += len(part)
+        if size >= RUN:
+            out.append(b"".join(small))
+            small, size = [], 0
+    if small:
+        out.append(b"".join(small))
+    return out
+
+
 def parse_header(header: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> tuple[int, int]:
     """``(length, flags)`` from a frame header, refusing unknown flags and oversized frames."""
     length, flags = HEADER.unpack(header)
@@ -186,6 +250,35 @@ def decode_payload(
     """Decompress (bounded by ``max_frame``) and unpack one payload into a message map."""
     if flags & FLAG_ZSTD:
         payload = _decompress(payload, max_frame)
+    if not flags & FLAG_TAIL:
+        obj = _unpack_map(payload)
+        if TAIL_KEY in obj:
+            raise ProtocolError("a tail listed in a frame without one")
+        return obj
+    view = memoryview(payload)
+    if len(view) < MAP_LENGTH.size:
+        raise ProtocolError("frame with a tail is too short for its map's length")
+    (length,) = MAP_LENGTH.unpack_from(view)
+    start = MAP_LENGTH.size + length
+    if start > len(view):
+        raise ProtocolError(f"the map's length {length} exceeds the frame")
+    obj = _unpack_map(view[MAP_LENGTH.size : start])
+    sizes = obj.get(TAIL_KEY)
+    if (
+        not isinstance(sizes, list)
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in sizes)
+        or sum(sizes) != len(view) - start
+    ):
+        raise ProtocolError("the tail's sizes do not match the frame")
+    parts = []
+    for size in sizes:
+        parts.append(view[start : start + size])
+        start += size
+    obj[TAIL_KEY] = parts
+    return obj
+
+
+def _unpack_map(payload: bytes | bytearray | memoryview) -> dict[str, Any]:
     try:
         obj = msgpack.unpackb(
             payload,

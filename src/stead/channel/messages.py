@@ -38,6 +38,10 @@ class Message:
     def to_wire(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def tail(self) -> list[Any]:
+        """Raw parts sent after the map (see :mod:`stead.channel.framing`); none here."""
+        return []
+
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> Message:
         raise NotImplementedError
@@ -287,12 +291,18 @@ class Request(Message):
 @register("reply")
 @dataclass(frozen=True, slots=True)
 class Reply(Message):
-    """The answer to a :class:`Request`; ``error`` is empty when ``ok``."""
+    """The answer to a :class:`Request`; ``error`` is empty when ``ok``. ``data``: bulk
+    bytes sent raw after the map (received as views of the frame), for a request that asked
+    for them so."""
 
     id: int
     ok: bool
     body: dict[str, Any]
     error: str = ""
+    data: tuple[Any, ...] = ()  # bytes-like
+
+    def tail(self) -> list[Any]:
+        return list(self.data)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -310,7 +320,10 @@ class Reply(Message):
         error = f.text("error")
         if not ok and not error:
             raise ProtocolError("reply: a failed reply must say why")
-        return cls(id=f.uint("id"), ok=ok, body=f.body("body"), error=error)
+        data = wire.get("tail", [])
+        if not isinstance(data, list) or not all(isinstance(d, bytes | memoryview) for d in data):
+            raise ProtocolError("reply: the tail is not a list of bytes")
+        return cls(id=f.uint("id"), ok=ok, body=f.body("body"), error=error, data=tuple(data))
 
 
 @register("error")

@@ -202,8 +202,10 @@ class FrameStream(asyncio.BufferedProtocol):
     def write(self, *parts: bytes | bytearray | memoryview) -> None:
         """Hand ``parts`` to the transport at once (no other writer can come between)."""
         assert self.transport is not None
-        for part in parts:
-            self.transport.write(part)
+        if len(parts) == 1:
+            self.transport.write(parts[0])
+        else:  # TLS: each part encrypted in turn, then one write to the socket
+            self.transport.writelines(parts)
 
     async def drain(self) -> None:
         """Wait until the transport's write buffer is below its high-water mark."""

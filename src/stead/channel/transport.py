@@ -46,6 +46,7 @@ from stead.channel.framing import (
     CompressionMode,
     decode_payload,
     encode_frame_parts,
+    encode_frame_tail,
 )
 from stead.channel.messages import Error, Message, parse_message
 from stead.channel.stream import FrameStream
@@ -159,12 +160,16 @@ class Connection:
     async def send(self, msg: Message) -> None:
         """Send one message and wait until the transport has taken it (bounded)."""
         self._check_usable()
-        header, payload = encode_frame_parts(msg.to_wire(), self.compression, self.max_frame)
-        size = len(header) + len(payload)
+        tail = msg.tail()
+        if tail:
+            parts = encode_frame_tail(msg.to_wire(), tail, self.compression, self.max_frame)
+        else:
+            parts = list(encode_frame_parts(msg.to_wire(), self.compression, self.max_frame))
+        size = sum(len(part) for part in parts)
         started = time.monotonic()
         try:
             async with asyncio.timeout(self.io_timeout):
-                self._stream.write(header, payload)  # one call: frames never interleave
+                self._stream.write(*parts)  # one call: frames never interleave
                 await self._stream.drain()
             if self.compression is not None:
                 self.compression.observe_send(size, time.monotonic() - started)

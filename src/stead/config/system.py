@@ -117,6 +117,13 @@ class PathSet:
         self._negate = negate
         self._filter = Filter(include=[p.lstrip("/") for p in patterns]) if patterns else None
 
+    @property
+    def pattern(self) -> str | None:
+        """A regular expression over a path without its leading ``/`` that every path the
+        globs match fully matches (before ``negate``); None without globs. For a quick
+        "surely not" in a walk; membership is still decided by ``in``."""
+        return self._filter.include_pattern if self._filter is not None else None
+
     def __contains__(self, path: object) -> bool:
         if not isinstance(path, str):
             return False

@@ -13,7 +13,7 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from stead.errors import RecloneError
 from stead.reclone.swap import AREA, Meta, Op, Plan, generation_dir, plan_order, stage_dir
@@ -21,9 +21,9 @@ from stead.reclone.swap import AREA, Meta, Op, Plan, generation_dir, plan_order,
 Kind = Literal["file", "dir", "symlink", "other"]
 
 
-@dataclass(frozen=True, slots=True)
-class Item:
-    """One entry of a manifest: what the planner needs to know about a path."""
+class Item(NamedTuple):
+    """One entry of a manifest: what the planner needs to know about a path (a named
+    tuple, as cheap to build as a tuple: a manifest holds one per path of the scope)."""
 
     kind: Kind
     mode: int
@@ -58,8 +58,7 @@ class Item:
         return cls(kind, mode, uid, gid, size, mtime_ns, digest, target)
 
 
-@dataclass(frozen=True, slots=True)
-class Fetch:
+class Fetch(NamedTuple):
     """A file to copy from the active into the staging area (or a symlink to make there)."""
 
     path: str

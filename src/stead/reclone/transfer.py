@@ -13,7 +13,9 @@ active answers each request in order (reading the next answer while it sends the
 - ``read``: a batch of ``[path, offset, length]`` (at most ``BATCH_BYTES`` in all); the
   answer holds the bytes of each, read with ``O_NOFOLLOW`` from a regular file, and for
   each range that ends its file the BLAKE3 digest of everything read of it, in order, or
-  ``""`` when the file changed under the reading (see :class:`_Reading`).
+  ``""`` when the file changed under the reading (see :class:`_Reading`). With ``tail``
+  set, the bytes travel as the reply's raw tail (no msgpack copy on either side), else as
+  the body's ``data`` list.
 - ``entry``: a fresh manifest entry, digest included, for paths whose content changed
   while they were copied.
 
@@ -37,7 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import blake3
 import msgpack
@@ -164,8 +166,8 @@ class Source:
                     if not isinstance(request, m.Request):
                         raise ProtocolError(f"expected a request, got {type(request).__name__}")
                     try:
-                        body = await self._answer(request.kind, request.body)
-                        reply = m.Reply(id=request.id, ok=True, body=body)
+                        body, data = await self._answer(request.kind, request.body)
+                        reply = m.Reply(id=request.id, ok=True, body=body, data=data)
                     except (SteadError, OSError) as exc:
                         error = str(exc) or "failed"
                         reply = m.Reply(id=request.id, ok=False, body={}, error=error)
@@ -201,7 +203,10 @@ class Source:
         except OSError as exc:  # a cache: the reclone stands without it
             log.warning("reclone: hash cache not updated: %s", exc)
 
-    async def _answer(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _answer(
+        self, kind: str, body: dict[str, Any]
+    ) -> tuple[dict[str, Any], tuple[bytes, ...]]:
+        """The body of the answer, and the bytes that travel as its tail."""
         if kind == "manifest":
             started = time.monotonic()
             wanted: HashWanted | None = None
@@ -221,13 +226,15 @@ class Source:
                 walked - hinted,
                 time.monotonic() - walked,
             )
-            return {"manifest": blob}
+            return {"manifest": blob}, ()
         if kind == "read":
             items = body.get("items")
             if not isinstance(items, list):
                 raise ProtocolError("read: items must be a list")
             data, digests = await asyncio.to_thread(self._read, items)
-            return {"data": data, "digests": digests}
+            if body.get("tail") is True:
+                return {"digests": digests}, tuple(data)
+            return {"data": data, "digests": digests}, ()
         if kind == "entry":
             paths = body.get("paths")
             if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
@@ -236,7 +243,7 @@ class Source:
             served = [p for p in paths if p in self.served]
             fresh = await asyncio.to_thread(self.collect, only=served)
             self.served.update({p: fresh[p] for p in paths if p in fresh})
-            return {"entries": {p: fresh[p].to_wire() for p in paths if p in fresh}}
+            return {"entries": {p: fresh[p].to_wire() for p in paths if p in fresh}}, ()
         raise ProtocolError(f"unknown reclone request {kind!r}")
 
     def _read(self, items: list[Any]) -> tuple[list[bytes], list[str | None]]:
@@ -411,7 +418,8 @@ class Fetcher:
                 request_id = next(self._ids)
                 items = [[f.path, offset, length] for f, offset, length in batch]
                 await queue.put((request_id, batch))
-                await self.conn.send(m.Request(id=request_id, kind="read", body={"items": items}))
+                body = {"items": items, "tail": True}
+                await self.conn.send(m.Request(id=request_id, kind="read", body=body))
             await queue.put(None)
 
         async def receive() -> None:
@@ -419,7 +427,8 @@ class Fetcher:
                 request_id, batch = entry
                 reply = await self.conn.recv(timeout=REPLY_TIMEOUT)
                 body = self._check(reply, request_id, "read")
-                data = body.get("data")
+                # Views of the frame received; an active that predates tails sends a list.
+                data = body["data"] if "data" in body else list(cast(m.Reply, reply).data)
                 digests = body.get("digests", [None] * len(batch))
                 if not isinstance(data, list) or len(data) != len(batch):
                     raise ProtocolError("read: the reply does not match the request")
@@ -546,7 +555,7 @@ class Staging:
         if digests is None:
             digests = [None] * len(batch)
         for (f, offset, length), chunk, sent in zip(batch, data, digests, strict=True):
-            if not isinstance(chunk, bytes) or len(chunk) > length:
+            if not isinstance(chunk, bytes | memoryview) or len(chunk) > length:
                 raise ProtocolError(f"read: bad data for {f.path}")
             state = self.files.get(f.staged)
             if state is None:

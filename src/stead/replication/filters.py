@@ -175,6 +175,11 @@ class Filter:
                     return Decision(True, f'include "{pattern.text}" (parent)')
         return Decision(False, "default")
 
+    @property
+    def include_pattern(self) -> str:
+        """One regular expression that every path an include glob matches fully matches."""
+        return self._any_include.pattern
+
     def protected(self, relpath: str, is_dir: bool) -> bool:
         """The fast form of :meth:`decide` for hot paths (walks, event handling)."""
         if relpath == RESERVED or relpath.startswith(RESERVED + "/"):

@@ -30,8 +30,8 @@ import re
 import stat
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import blake3
 
@@ -80,9 +80,9 @@ HashFile = Callable[[str], tuple[bytes, int]]
 HashWanted = Callable[[str, int], bool]
 
 
-@dataclass(frozen=True, slots=True)
-class PathEntry:
-    """One path of a system tree, as :func:`build_manifest` found it."""
+class PathEntry(NamedTuple):
+    """One path of a system tree, as :func:`build_manifest` found it (a named tuple: a walk
+    makes one per path, and a frozen dataclass costs several times as much to build)."""
 
     path: str
     kind: str  # one of KINDS
@@ -289,6 +289,13 @@ class _Walk:
         # Once per path of the trees: a set and one startswith over prefixes made once.
         self.skip = frozenset(skip)
         self.skip_below = tuple(p.rstrip("/") + "/" for p in skip)
+        # Most paths are neither excluded nor preserved: one match says so for both.
+        either = [p for p in (self.excluded.pattern, self.preserved.pattern) if p is not None]
+        self.maybe_apart = (
+            re.compile("|".join(f"(?:{p})" for p in either), re.DOTALL).fullmatch
+            if either
+            else None
+        )
         self.hash_file = hash_file
         self.max_entries = max_entries
         self.virtual = virtual
@@ -331,7 +338,7 @@ class _Walk:
                             continue  # gone since it was listed: as if never there
             except OSError as exc:
                 error = f"cannot list: {_reason(exc)}"
-                self.manifest.entries[path] = replace(entry, error=error)
+                self.manifest.entries[path] = entry._replace(error=error)
                 continue
             pending.extend(sorted(children, key=lambda c: c[0], reverse=True))
 
@@ -339,6 +346,8 @@ class _Walk:
         if path in self.skip or path.startswith(self.skip_below) or path in self.virtual:
             self.manifest.skipped.append(path)
             return False
+        if self.maybe_apart is None or self.maybe_apart(path.lstrip("/")) is None:
+            return True
         if path in self.excluded:
             return False
         if path in self.preserved:
