@@ -46,6 +46,9 @@ _SYNC_FILE_RANGE = _load_sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2
 
 
+WRITEBACK_FROM = 1024**2  # smaller writes are left to the caller's syncfs, in one sweep
+
+
 def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:
     """Start writing a file's dirty pages out without waiting for them
     (``sync_file_range(SYNC_FILE_RANGE_WRITE)``). Durability stays the caller's later

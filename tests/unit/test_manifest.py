@@ -105,3 +105,38 @@ def test_only_files_of_two_blocks_need_records(manifest: Manifest) -> None:
     assert manifest.needs_record(2 * BLOCK)
     with pytest.raises(ValueError, match="power of two"):
         Manifest(Path("/nonexistent/x.db"), block_size=5000)
+
+
+def test_forgets_wait_in_a_batch_and_every_query_sees_them(
+    manifest: Manifest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forget waits to be executed with others; lookups, records, renames, counts and
+    commits all see it first, in the order the calls were made."""
+    st = tmp_path.stat()
+    for rel in ["a", "b", "c", "d/x"]:
+        manifest.record("r", rel, st, rel.encode())
+    manifest.commit()
+    manifest.forget("r", "a")
+    assert manifest.lookup("r", "a") is None  # not yet executed, already invisible
+    manifest.forget("r", "b")
+    manifest.record("r", "b", st, b"b again")  # forget, then record: the record stands
+    assert manifest.lookup("r", "b") is not None
+    manifest.forget("r", "x")  # a forget of nothing at all
+    manifest.forget("r", "e")
+    manifest.record("r", "d/x", st, b"d/x")
+    manifest.rename("r", "d", "e")  # the waiting forget of "e" runs before the move
+    assert manifest.lookup("r", "e/x") is not None
+    assert manifest.count() == 3  # b, c, e/x
+    manifest.forget("r", "c")
+    manifest.commit()
+    manifest.close()
+    again = Manifest(tmp_path / "manifest.db", block_size=BLOCK)
+    assert again.lookup("r", "c") is None  # the commit executed it durably
+    assert again.count() == 2
+    # Past the batch size, forgets are executed without waiting for a commit.
+    monkeypatch.setattr("stead.replication.manifest.FORGET_BATCH", 3)
+    for rel in ["b", "p", "q"]:
+        again.forget("r", rel)
+    assert again._forgotten == set()
+    assert again.count() == 1
+    again.close()

@@ -49,7 +49,7 @@ from stead.aio import first_cause
 from stead.channel import messages as m
 from stead.channel.transport import Connection
 from stead.errors import ProtocolError, RecloneError, SteadError
-from stead.fsutil import DirectWriter, start_writeback
+from stead.fsutil import WRITEBACK_FROM, DirectWriter, start_writeback
 from stead.reclone.plan import Fetch, Item
 from stead.reclone.swap import set_meta, set_meta_fd
 from stead.system.hashcache import SETTLED_NS, HashCache
@@ -60,7 +60,6 @@ log = logging.getLogger(__name__)
 BATCH_BYTES = 4 * 1024**2
 WINDOW = 8
 WRITERS = 2  # writer threads; a file's chunks always go to the same one
-WRITEBACK_FROM = 1024**2  # smaller files are left to the swap's syncfs, in one sweep
 WRITE_QUEUE = 2  # answers waiting for each writer (bounds memory with WINDOW)
 RETRIES = 3
 MAX_MANIFEST = 1024**3  # decompressed; a manifest is about 100 bytes a path

@@ -55,6 +55,8 @@ class Entry:
 
     def payload_bytes(self) -> int:
         """Bytes of file data carried: what the lag and queue figures count."""
+        if not self.blocks:  # nearly every entry: no generator to build
+            return len(self.data)
         return len(self.data) + sum(len(b) for _, b in self.blocks)
 
     def to_wire(self) -> dict[str, Any]:

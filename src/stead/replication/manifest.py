@@ -15,7 +15,9 @@ Duties:
   has returned (the journal holds the entries). Commits use ``synchronous=FULL``.
 - **Memory**: nothing per file is held in memory; records live in SQLite (WAL mode) and
   writes are batched into one transaction per capture flush, so a million protected files
-  cost disk, not RAM.
+  cost disk, not RAM. Forgets (one per small file sent whole, nearly always of a path that
+  has no record) wait in a set of at most :data:`FORGET_BATCH` keys and go in one
+  ``executemany``; every other query sees them first.
 - **Threads**: one connection, usable from worker threads (capture reads files in threads),
   but callers serialise access; capture never runs two flushes at once.
 """
@@ -33,6 +35,7 @@ from blake3 import blake3
 
 HASH_SIZE = 16
 DEFAULT_BLOCK_SIZE = 65536
+FORGET_BATCH = 4096
 
 
 def block_hash(data: bytes) -> bytes:
@@ -123,6 +126,7 @@ class Manifest:
         self._db.commit()
         self._dirty = False
         self._zero_hash = block_hash(bytes(block_size))
+        self._forgotten: set[tuple[str, bytes]] = set()  # deletes not yet executed
 
     def close(self) -> None:
         self.commit()
@@ -139,6 +143,8 @@ class Manifest:
         return block_hash(bytes(length))
 
     def lookup(self, root: str, relpath: str) -> Record | None:
+        if (root, _key(relpath)) in self._forgotten:
+            return None
         row = self._db.execute(
             "SELECT size, mtime_ns, ino, hashes FROM blocks WHERE root=? AND path=?",
             (root, _key(relpath)),
@@ -174,6 +180,7 @@ class Manifest:
 
     def record(self, root: str, relpath: str, st: os.stat_result, hashes: bytes) -> None:
         """Remember that the passives were sent this file state (effective at commit)."""
+        self._forgotten.discard((root, _key(relpath)))  # replaced below all the same
         self._db.execute(
             "INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?, ?, ?)",
             (root, _key(relpath), st.st_size, st.st_mtime_ns, st.st_ino, hashes),
@@ -181,14 +188,22 @@ class Manifest:
         self._dirty = True
 
     def forget(self, root: str, relpath: str) -> None:
-        cursor = self._db.execute(
-            "DELETE FROM blocks WHERE root=? AND path=?", (root, _key(relpath))
-        )
+        self._forgotten.add((root, _key(relpath)))
+        if len(self._forgotten) >= FORGET_BATCH:
+            self._forget_now()
+
+    def _forget_now(self) -> None:
+        """Execute the forgets that wait (before any query that could see their rows)."""
+        if not self._forgotten:
+            return
+        keys, self._forgotten = self._forgotten, set()
+        cursor = self._db.executemany("DELETE FROM blocks WHERE root=? AND path=?", keys)
         self._dirty |= cursor.rowcount > 0
 
     def forget_tree(self, root: str, reldir: str) -> None:
         """Forget ``reldir`` and everything under it."""
         self.forget(root, reldir)
+        self._forget_now()
         low, high = _subtree_range(reldir)
         cursor = self._db.execute(
             "DELETE FROM blocks WHERE root=? AND path>=? AND path<?", (root, low, high)
@@ -199,7 +214,7 @@ class Manifest:
         """Follow a rename of a file or a whole directory tree (replacing what was at new)."""
         if old == new:
             return
-        self.forget_tree(root, new)
+        self.forget_tree(root, new)  # executes the forgets that wait, too
         old_key, new_key = _key(old), _key(new)
         cursor = self._db.execute(
             "UPDATE blocks SET path=? WHERE root=? AND path=?", (new_key, root, old_key)
@@ -218,14 +233,17 @@ class Manifest:
 
     def clear(self) -> None:
         """Forget everything: the next change of every file goes whole (after a reclone)."""
+        self._forgotten.clear()
         self._db.execute("DELETE FROM blocks")
         self._dirty = True
 
     def commit(self) -> None:
         """Make the records since the last commit durable; a no-op when nothing changed."""
+        self._forget_now()
         if self._dirty or self._db.in_transaction:
             self._db.commit()
             self._dirty = False
 
     def count(self) -> int:
+        self._forget_now()
         return int(self._db.execute("SELECT count(*) FROM blocks").fetchone()[0])

@@ -299,17 +299,22 @@ class FileReader:
     def _read_consistent(self, root: str, relpath: str, fd: int, in_place: bool) -> Iterator[Entry]:
         manifest = self.manifest
         # The base a delta is computed against: what the passives hold. It changes as the
-        # delta blocks of a torn attempt are emitted.
-        record = manifest.lookup(root, relpath) if manifest is not None else None
-        sent = bytearray(record.hashes) if record is not None else None
-        if in_place and sent is None:
-            sent = bytearray()  # nothing known: every block differs
+        # delta blocks of a torn attempt are emitted. Looked up only for a file that may
+        # go as a delta (a small new file, the common case, costs no query).
+        sent: bytearray | None = None
+        looked_up = False
         for attempt in range(1, self.max_tries + 1):
             before = os.fstat(fd)
             if not stat.S_ISREG(before.st_mode):
                 return
             final = attempt == self.max_tries
             large = manifest is not None and manifest.needs_record(before.st_size)
+            if (large or in_place) and not looked_up:
+                looked_up = True
+                record = manifest.lookup(root, relpath) if manifest is not None else None
+                sent = bytearray(record.hashes) if record is not None else None
+                if in_place and sent is None:
+                    sent = bytearray()  # nothing known: every block differs
             try:
                 if sent is not None and (large or in_place):
                     yield from self._delta(root, relpath, fd, before, sent, final)
