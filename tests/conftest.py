@@ -37,8 +37,10 @@ def _no_lab_leftovers(request: pytest.FixtureRequest) -> None:
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabFactory]:
     """Build labs in temporary directories; every one is taken down, even if a test fails.
 
-    ``lab(n=3, agent_cmd=None, wait_ready=None, skip_init=None, disk_size="1G")`` returns a
-    running ``Lab``. ``agent_cmd`` defaults to ``$STEAD_LAB_AGENT_CMD``, then the real agent.
+    ``lab(n=3, agent_cmd=None, wait_ready=None, skip_init=None, disk_size="1G",
+    failover_timeout=None)`` returns a running ``Lab``. ``agent_cmd`` defaults to
+    ``$STEAD_LAB_AGENT_CMD``, then the real agent; ``failover_timeout`` (seconds) replaces the
+    lab's default, for a test that restarts the active and must not see a failover.
     """
     made: list[Lab] = []
 
@@ -49,6 +51,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabFactory]:
         wait_ready: bool | None = None,
         skip_init: bool | None = None,
         disk_size: str = "1G",
+        failover_timeout: float | None = None,
     ) -> Lab:
         if not IS_ROOT:
             pytest.skip("the lab needs root")
@@ -59,7 +62,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabFactory]:
             skip_init=skip_init,
         )
         made.append(built)  # before `up`: a lab that fails half-way is taken down too
-        built.up(n, disk_size)
+        built.up(n, disk_size, failover_timeout=failover_timeout)
         return built
 
     yield make
