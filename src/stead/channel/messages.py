@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
+from stead.channel.framing import TAIL_KEY
 from stead.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -320,7 +321,7 @@ class Reply(Message):
         error = f.text("error")
         if not ok and not error:
             raise ProtocolError("reply: a failed reply must say why")
-        data = wire.get("tail", [])
+        data = wire.get(TAIL_KEY, [])
         if not isinstance(data, list) or not all(isinstance(d, bytes | memoryview) for d in data):
             raise ProtocolError("reply: the tail is not a list of bytes")
         return cls(id=f.uint("id"), ok=ok, body=f.body("body"), error=error, data=tuple(data))
