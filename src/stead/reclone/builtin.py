@@ -19,7 +19,7 @@ import os
 import ssl
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +29,8 @@ from stead.channel.transport import Connection, connect
 from stead.config.schema import ClusterConfig, NodeSection
 from stead.config.system import PathSet
 from stead.errors import ChannelError, ProtocolError, RecloneError, SteadError
-from stead.reclone.plan import Item, Kind, Work, make_plan
-from stead.reclone.swap import AREA, Swapper
+from stead.reclone.plan import Fetch, Item, Kind, Planner, Work
+from stead.reclone.swap import AREA, Meta, Swapper
 from stead.reclone.transfer import REPLY_TIMEOUT, Fetcher, Source
 from stead.system import hashcache
 from stead.system.hashcache import HashCache
@@ -38,6 +38,7 @@ from stead.system.manifest import (
     HashWanted,
     PathEntry,
     Scope,
+    SystemManifest,
     build_manifest,
     manifest_of_paths,
 )
@@ -88,19 +89,34 @@ def collect(
     cache: Path | None = None,
     hash_wanted: HashWanted | None = None,
     only: list[str] | None = None,
+    emit: Callable[[dict[str, Item]], None] | None = None,
 ) -> dict[str, Item]:
     """Items of every path of the trees (blocking). Serving (the active), a path it cannot
     read is left out, so that it is neither copied nor deleted on the passive. With a
     ``cache`` file, only files changed since the last walk are read; with ``hash_wanted``,
     only the files it names are read (the others have an empty digest unless cached).
-    With ``only``, just those paths, each file hashed (no walk)."""
+    With ``only``, just those paths, each file hashed (no walk). With ``emit``, the items
+    go to it in parts as the walk goes (a directory before what it holds) and none are
+    returned."""
     hashes = HashCache(cache) if cache is not None else None
     if only is not None:
         manifest = manifest_of_paths(scope, only, cache=hashes)
-    else:
+        return _items(manifest, manifest.entries, serving)
+    if emit is None:
         manifest = build_manifest(scope, cache=hashes, hash_wanted=hash_wanted)
+        return _items(manifest, manifest.entries, serving)
+
+    def part(manifest: SystemManifest, paths: list[str]) -> None:
+        emit(_items(manifest, paths, serving))
+
+    build_manifest(scope, cache=hashes, hash_wanted=hash_wanted, emit=part)
+    return {}
+
+
+def _items(manifest: SystemManifest, paths: Iterable[str], serving: bool) -> dict[str, Item]:
     items = {}
-    for path, entry in manifest.entries.items():
+    for path in paths:
+        entry = manifest.entries[path]
         if serving and entry.error:
             log.warning("reclone: %s left out: %s", path, entry.error)
             continue
@@ -115,9 +131,13 @@ def source_for(cluster: ClusterConfig, state_dir: Path | None = None) -> Source:
     cache = hash_cache_path(state_dir) if state_dir is not None else None
 
     def serving(
-        hash_wanted: HashWanted | None = None, only: list[str] | None = None
+        hash_wanted: HashWanted | None = None,
+        only: list[str] | None = None,
+        emit: Callable[[dict[str, Item]], None] | None = None,
     ) -> dict[str, Item]:
-        return collect(scope, serving=True, cache=cache, hash_wanted=hash_wanted, only=only)
+        return collect(
+            scope, serving=True, cache=cache, hash_wanted=hash_wanted, only=only, emit=emit
+        )
 
     return Source(serving, cache)
 
@@ -235,75 +255,109 @@ class Rebuilder:
     async def _rebuild(self, active: NodeSection, *, delete_original: bool, dry_run: bool) -> None:
         state = self.state
         conn = await self._connect(active)
-        try:
-            fetcher = state.fetcher = Fetcher(conn)
-            scope = scope_of(self.cluster)
-            # What we held when we last hashed, by size (our hash cache): the active reads
-            # and hashes only the files we might hold already; what we lack is hashed as it
-            # is copied. A wrong hint costs time, never correctness: see below.
-            started = time.monotonic()
-            have = await asyncio.to_thread(sizes_cached, self.cache_path, scope)
-            # Our own walk runs while the active walks its trees: neither waits for the other.
-            walk = asyncio.ensure_future(
-                asyncio.to_thread(collect, scope, serving=False, cache=self.cache_path)
+        fetcher = state.fetcher = Fetcher(conn)
+        scope = scope_of(self.cluster)
+        trees = list(scope.trees)
+        # What we held when we last hashed, by size (our hash cache): the active reads and
+        # hashes only the files we might hold already; what we lack is hashed as it is
+        # copied. A wrong hint costs time, never correctness: see below.
+        started = time.monotonic()
+        have = await asyncio.to_thread(sizes_cached, self.cache_path, scope)
+        # Our own walk runs while the active walks its trees: neither waits for the other.
+        walk = asyncio.ensure_future(
+            asyncio.to_thread(collect, scope, serving=False, cache=self.cache_path)
+        )
+        planner: Planner | None = None
+        begun = False
+        counts = {"parts": 0, "paths": 0, "unsure": 0}
+
+        async def planned() -> AsyncGenerator[list[Fetch], None]:
+            """The active's manifest, planned part by part as it arrives: the files of
+            each part are copied while the active walks on."""
+            nonlocal planner, begun
+            async for part in fetcher.manifest_parts(have):
+                if planner is None:
+                    here = await walk
+                    planner = Planner(
+                        state.run,
+                        trees,
+                        here,
+                        PathSet(list(scope.preserve)),
+                        delete_original=delete_original,
+                    )
+                    log.info(
+                        "reclone %s: the active's first part after %.2f s (%d files hinted)",
+                        state.run,
+                        time.monotonic() - started,
+                        len(have),
+                    )
+                    if not dry_run:
+                        await asyncio.to_thread(self.swapper.begin, planner.work.plan)
+                        begun = True
+                    state.phase = "plan" if dry_run else "copy"
+                # Files we hold at the active's size that it did not hash (the hint was
+                # stale): their digests now, so that an identical file is not copied.
+                unsure = [
+                    path
+                    for path, item in part.items()
+                    if item.kind == "file"
+                    and not item.digest
+                    and (mine := planner.here.get(path)) is not None
+                    and mine.kind == "file"
+                    and mine.size == item.size
+                ]
+                if unsure:
+                    part.update(await fetcher.entries(unsure))
+                counts["parts"] += 1
+                counts["paths"] += len(part)
+                counts["unsure"] += len(unsure)
+                yield await self._planned(*planner.add(part), dry_run=dry_run)
+            assert planner is not None  # a manifest has at least one part
+            last = await self._planned(*planner.finish(), dry_run=dry_run)
+            state.summary, state.skipped = planner.work.summary(), planner.work.skipped
+            log.info(
+                "reclone %s: the active's manifest of %d paths in %d parts in %.2f s,"
+                " %d more digests asked for",
+                state.run,
+                counts["paths"],
+                counts["parts"],
+                time.monotonic() - started,
+                counts["unsure"],
             )
+            yield last
+
+        try:
+            if dry_run:
+                async for _ in planned():
+                    pass
+                return
             try:
-                source = await fetcher.manifest(have)
+                await fetcher.fetch(planned())  # every file checked against the active's hash
             except BaseException:
+                if begun and planner is not None:
+                    plan = planner.work.plan
+                    await asyncio.shield(asyncio.to_thread(self.swapper.abandon, plan))
+                raise
+            assert planner is not None
+            await self._swap(fetcher, planner.work)
+        finally:
+            if not walk.done():
                 walk.cancel()
                 with contextlib.suppress(BaseException):
                     await walk  # the thread finishes its walk; nothing waits on it after this
-                raise
-            state.phase = "plan"
-            fetched = time.monotonic()
-            here = await walk
-            # Files we hold at the active's size that it did not hash (the hint was stale):
-            # their digests now, so that an identical file is not copied.
-            unsure = [
-                path
-                for path, item in source.items()
-                if item.kind == "file"
-                and not item.digest
-                and (mine := here.get(path)) is not None
-                and mine.kind == "file"
-                and mine.size == item.size
-            ]
-            if unsure:
-                source.update(await fetcher.entries(unsure))
-            work = make_plan(
-                state.run,
-                list(scope.trees),
-                source,
-                here,
-                PathSet(list(scope.preserve)),
-                delete_original=delete_original,
-            )
-            state.summary, state.skipped = work.summary(), work.skipped
-            log.info(
-                "reclone %s: the active's manifest of %d paths in %.2f s (%d files hinted),"
-                " %d more digests asked for, our walk and the plan %.2f s later",
-                state.run,
-                len(source),
-                fetched - started,
-                len(have),
-                len(unsure),
-                time.monotonic() - fetched,
-            )
-            if dry_run:
-                return
-            await self._stage_and_swap(fetcher, work)
-        finally:
+            await fetcher.close()
             await conn.close()
 
-    async def _stage_and_swap(self, fetcher: Fetcher, work: Work) -> None:
+    async def _planned(
+        self, fetches: list[Fetch], dirs: list[tuple[str, Meta]], *, dry_run: bool
+    ) -> list[Fetch]:
+        """A part of the plan ready to copy: its staged directories made."""
+        if dirs and not dry_run:
+            await asyncio.to_thread(Swapper.make_dirs, dirs)
+        return fetches
+
+    async def _swap(self, fetcher: Fetcher, work: Work) -> None:
         state = self.state
-        await asyncio.to_thread(self.swapper.begin, work.plan)
-        try:
-            state.phase = "copy"
-            await fetcher.fetch(work.fetch)  # every file checked against the active's hash
-        except BaseException:
-            await asyncio.shield(asyncio.to_thread(self.swapper.abandon, work.plan))
-            raise
         state.phase = "swap"
         # Shielded: once the intent says "swapping", finishing is the only way out.
         await asyncio.shield(asyncio.to_thread(self.swapper.swap, work.plan))

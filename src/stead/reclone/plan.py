@@ -130,59 +130,129 @@ def make_plan(
     delete_original: bool = False,
 ) -> Work:
     """What makes ``here`` equal to ``source`` in ``trees``, leaving preserved paths alone."""
-    for path in source:
-        tree_of(path, trees)
-    here = {p: i for p, i in here.items() if _inside(p, trees)}
-    work = Work(Plan(run=run, trees=list(trees), delete_original=delete_original))
-    counters = dict.fromkeys(trees, 0)
-    # Per tree, once: this runs for every path of the scope.
-    dirs = {tree: (str(stage_dir(tree, run)), str(generation_dir(tree, run))) for tree in trees}
+    planner = Planner(run, trees, here, preserved, delete_original=delete_original)
+    planner.add(source)
+    planner.finish()
+    return planner.work
 
-    def names(tree: str) -> tuple[str, str]:
-        counters[tree] += 1
-        stage, generation = dirs[tree]
-        n = f"{counters[tree]:08d}"
+
+class Planner:
+    """:func:`make_plan` for a manifest that arrives in parts (the active streams it while
+    it walks): each part is planned as it comes, so that its files can be copied while the
+    rest is still being walked; :meth:`finish` adds the deletions once all has come.
+
+    A path is planned once its parent has been (the active walks parents first); one that
+    comes before its parent, or whose parent never comes, waits for :meth:`finish`. A
+    path sent twice refuses the whole plan: a manifest is external input.
+    """
+
+    def __init__(
+        self,
+        run: str,
+        trees: list[str],
+        here: Mapping[str, Item],
+        preserved: Container[str],
+        *,
+        delete_original: bool = False,
+    ) -> None:
+        self.trees = list(trees)
+        self.roots = frozenset(self.trees)
+        self.here = {p: i for p, i in here.items() if _inside(p, self.trees)}
+        self.preserved = preserved
+        self.work = Work(Plan(run=run, trees=list(trees), delete_original=delete_original))
+        self.counters = dict.fromkeys(self.trees, 0)
+        # Per tree, once: names are made for every path of the scope.
+        self.dirs = {t: (str(stage_dir(t, run)), str(generation_dir(t, run))) for t in trees}
+        # Ancestors of preserved paths here: never replaced, never deleted.
+        self.kept = {a for p in self.here if p in preserved for a in _ancestors(p)}
+        self.moved: set[str] = set()  # paths whose whole subtree the swap moves away
+        self.ops: list[Op] = []
+        # Directories new here are built whole in the staging area, under their real names,
+        # and the swap renames each new subtree's top into place: one operation, not one
+        # per path. Path of each directory staged so -> its staged name.
+        self.staged_dirs: dict[str, str] = {}
+        self.source: dict[str, Item] = {}
+        self.waiting: dict[str, Item] = {}
+        self.finished = False
+
+    def add(self, part: Mapping[str, Item]) -> tuple[list[Fetch], list[tuple[str, Meta]]]:
+        """Plan a part of the active's manifest; returns what it adds to fetch and the
+        staged directories to make before those files are fetched (parents first)."""
+        if self.finished:
+            raise RecloneError("the active sent more of its manifest after its end")
+        for path in part:
+            tree_of(path, self.trees)
+            if path in self.source:
+                raise RecloneError(f"the active's manifest lists {path!r} twice")
+        self.source.update(part)
+        fetched, made = len(self.work.fetch), len(self.work.plan.dirs)
+        for path in sorted(part):
+            parent = posixpath.dirname(path)
+            if path not in self.roots and (parent not in self.source or parent in self.waiting):
+                self.waiting[path] = part[path]
+                continue
+            self._plan(path, part[path])
+        return self.work.fetch[fetched:], self.work.plan.dirs[made:]
+
+    def finish(self) -> tuple[list[Fetch], list[tuple[str, Meta]]]:
+        """The paths that waited for their parents, then the deletions and the order of the
+        swap; returns what the waiting paths add to fetch and the directories to make."""
+        fetched, made = len(self.work.fetch), len(self.work.plan.dirs)
+        self.finished = True
+        waiting, self.waiting = self.waiting, {}
+        for path in sorted(waiting):
+            self._plan(path, waiting[path])
+        for path in sorted(self.here):
+            if path in self.source or path in self.preserved or path in self.kept:
+                continue
+            if any(a in self.moved for a in _ancestors(path)):
+                continue
+            tree = tree_of(path, self.trees)
+            _, saved = self._names(tree)
+            before = self.here[path].meta
+            self.ops.append(Op("delete", tree, path, saved=saved, before=before, existed=True))
+            self.moved.add(path)
+        self.work.plan.ops = plan_order(self.ops)
+        return self.work.fetch[fetched:], self.work.plan.dirs[made:]
+
+    def _names(self, tree: str) -> tuple[str, str]:
+        self.counters[tree] += 1
+        stage, generation = self.dirs[tree]
+        n = f"{self.counters[tree]:08d}"
         return f"{stage}/{n}", f"{generation}/{n}"
 
-    kept = {a for p in here if p in preserved for a in _ancestors(p)}  # hold preserved paths
-    moved: set[str] = set()  # paths whose whole subtree the swap moves away
-    ops: list[Op] = []
-    # Directories new here are built whole in the staging area, under their real names,
-    # and the swap renames each new subtree's top into place: one operation, not one per
-    # path. Path of each directory staged so -> its staged name.
-    staged_dirs: dict[str, str] = {}
-    for path in sorted(source):
-        new = source[path]
-        if path in preserved:
-            continue
+    def _plan(self, path: str, new: Item) -> None:
+        work, ops = self.work, self.ops
+        if path in self.preserved:
+            return
         parent = posixpath.dirname(path)
-        if parent in staged_dirs:
-            _stage_inside(work, path, new, staged_dirs)
-            continue
-        old = here.get(path)
-        tree = tree_of(path, trees)
+        if parent in self.staged_dirs:
+            _stage_inside(work, path, new, self.staged_dirs)
+            return
+        old = self.here.get(path)
+        tree = tree_of(path, self.trees)
         if new.kind == "other":
             work.skipped.append(f"{path}: special file, not copied")
-            continue
+            return
         replaces = old is not None and old.kind != new.kind
-        if replaces and path in kept:
+        if replaces and path in self.kept:
             work.skipped.append(f"{path}: holds a preserved path here; not replaced")
-            continue
+            return
         if new.kind == "dir":
             if old is None and path != tree:
-                staged, saved = names(tree)
+                staged, saved = self._names(tree)
                 ops.append(Op("dir", tree, path, staged, saved, new.meta))
-                staged_dirs[path] = staged
+                self.staged_dirs[path] = staged
                 work.plan.dirs.append((staged, new.meta))
-                continue
+                return
             if old is None or old.kind != "dir":
-                _, saved = names(tree)
+                _, saved = self._names(tree)
                 ops.append(Op("dir", tree, path, saved=saved, meta=new.meta, existed=replaces))
                 if replaces:
-                    moved.add(path)
+                    self.moved.add(path)
             elif _differs(new, old):
                 ops.append(Op("meta", tree, path, meta=new.meta, before=old.meta, existed=True))
-            continue
+            return
         same = old is not None and old.kind == new.kind
         if new.kind == "file":
             same = same and old is not None and old.digest == new.digest and bool(new.digest)
@@ -196,23 +266,12 @@ def make_plan(
                 differs = _differs(new, old)
             if differs:
                 ops.append(Op("meta", tree, path, meta=new.meta, before=old.meta, existed=True))
-            continue
-        staged, saved = names(tree)
+            return
+        staged, saved = self._names(tree)
         work.fetch.append(Fetch(path, staged, new))
         ops.append(Op(new.kind, tree, path, staged, saved, new.meta, existed=old is not None))
         if old is not None and old.kind == "dir":
-            moved.add(path)
-    for path in sorted(here):
-        if path in source or path in preserved or path in kept:
-            continue
-        if any(a in moved for a in _ancestors(path)):
-            continue
-        tree = tree_of(path, trees)
-        _, saved = names(tree)
-        ops.append(Op("delete", tree, path, saved=saved, before=here[path].meta, existed=True))
-        moved.add(path)
-    work.plan.ops = plan_order(ops)
-    return work
+            self.moved.add(path)
 
 
 def _stage_inside(work: Work, path: str, new: Item, staged_dirs: dict[str, str]) -> None:

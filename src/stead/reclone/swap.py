@@ -252,12 +252,20 @@ class Swapper:
     # -- staging -------------------------------------------------------------------------
 
     def begin(self, plan: Plan) -> None:
-        """Phase ``staging``: the staging areas may fill; the trees are untouched."""
+        """Phase ``staging``: the staging areas may fill; the trees are untouched. A plan
+        still being made (its manifest arrives in parts) may begin before it has any
+        operation: staging is discarded on recovery whatever it holds."""
         self._write(self.intent_path, plan.to_json("staging"))
         for tree in plan.trees:
             stage_dir(tree, plan.run).mkdir(parents=True, exist_ok=True, mode=0o700)
             generation_dir(tree, plan.run).mkdir(parents=True, exist_ok=True, mode=0o700)
-        for directory, _meta in plan.dirs:  # parents first; all inside the staging area
+        self.make_dirs(plan.dirs)
+
+    @staticmethod
+    def make_dirs(dirs: Iterable[tuple[str, Meta]]) -> None:
+        """The staged directories of new subtrees (parents first; all inside the staging
+        area, made by :meth:`begin`); their metadata comes at the swap."""
+        for directory, _meta in dirs:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(directory, 0o700)
 

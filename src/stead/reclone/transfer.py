@@ -35,11 +35,12 @@ import itertools
 import logging
 import os
 import stat
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import blake3
 import msgpack
@@ -48,7 +49,7 @@ import zstandard
 from stead.aio import first_cause
 from stead.channel import messages as m
 from stead.channel.transport import Connection
-from stead.errors import ProtocolError, RecloneError, SteadError
+from stead.errors import ChannelError, ProtocolError, RecloneError, SteadError, TimeoutExpired
 from stead.fsutil import WRITEBACK_FROM, DirectWriter, start_writeback
 from stead.reclone.plan import Fetch, Item
 from stead.reclone.swap import set_meta, set_meta_fd
@@ -66,6 +67,8 @@ MAX_MANIFEST = 1024**3  # decompressed; a manifest is about 100 bytes a path
 REPLY_TIMEOUT = 30.0  # a read answer; a cut link fails the copy (and the staging) after this
 MANIFEST_TIMEOUT = 3600.0  # the active hashes its whole scope first
 SERVE_AHEAD = 2  # answers the active holds ready while it sends the one before
+MANIFEST_PART = 50_000  # paths at most in one streamed part of the manifest
+MAX_MANIFEST_PATHS = 10_000_000  # in all its parts
 ENTRY_BATCH = 10_000  # paths per entry request
 MAX_READING = 4096  # files a passive may have half read at once (their hashers)
 
@@ -149,6 +152,11 @@ class Source:
         self.served: dict[str, Item] = {}
         self.reading: dict[str, _Reading] = {}
         self.learned: list[tuple[str, os.stat_result, bytes, int]] = []
+        # A manifest being streamed: the walk's parts (None at its end, or what it raised).
+        self.parts: asyncio.Queue[dict[str, Item] | BaseException | None] | None = None
+        self.stop: threading.Event | None = None
+        self.asked = False  # a manifest-next is waiting for the walk
+        self.streamed = (0.0, 0)  # when the stream began, and the parts sent
 
     async def serve(self, conn: Connection) -> None:
         """Answer requests in order until the passive hangs up; the next answer is read
@@ -156,6 +164,7 @@ class Source:
         answers: asyncio.Queue[m.Reply | None] = asyncio.Queue(SERVE_AHEAD)
 
         async def answer() -> None:
+            aside: set[asyncio.Task[None]] = set()
             try:
                 while True:
                     try:
@@ -164,14 +173,17 @@ class Source:
                         return
                     if not isinstance(request, m.Request):
                         raise ProtocolError(f"expected a request, got {type(request).__name__}")
-                    try:
-                        body, data = await self._answer(request.kind, request.body)
-                        reply = m.Reply(id=request.id, ok=True, body=body, data=data)
-                    except (SteadError, OSError) as exc:
-                        error = str(exc) or "failed"
-                        reply = m.Reply(id=request.id, ok=False, body={}, error=error)
-                    await answers.put(reply)
+                    if request.kind == "manifest-next":  # waits for the walk, not in line
+                        task = asyncio.create_task(self._reply_to(request, answers))
+                        aside.add(task)
+                        task.add_done_callback(aside.discard)
+                        continue
+                    await self._reply_to(request, answers)
             finally:
+                for task in list(aside):
+                    task.cancel()
+                if self.stop is not None:
+                    self.stop.set()  # a walk still going ends at its next part
                 await answers.put(None)
 
         async def send() -> None:
@@ -187,6 +199,14 @@ class Source:
         finally:
             if self.learned:
                 await asyncio.shield(asyncio.to_thread(self.remember))
+
+    async def _reply_to(self, request: m.Request, answers: asyncio.Queue[m.Reply | None]) -> None:
+        try:
+            body, data = await self._answer(request.kind, request.body)
+            reply = m.Reply(id=request.id, ok=True, body=body, data=data)
+        except (SteadError, OSError) as exc:
+            reply = m.Reply(id=request.id, ok=False, body={}, error=str(exc) or "failed")
+        await answers.put(reply)
 
     def remember(self) -> None:
         """Keep the digests of the files read whole and still in the hash cache (blocking):
@@ -212,6 +232,11 @@ class Source:
             if "have" in body:
                 have = await asyncio.to_thread(unpack_sizes, body["have"])
                 wanted = lambda path, size: have.get(path) == size  # noqa: E731
+            if body.get("stream") is True:
+                if self.parts is not None:
+                    raise ProtocolError("manifest: one is being streamed already")
+                self._stream(wanted)
+                return await self._next_part()
             hinted = time.monotonic()
             self.served = await asyncio.to_thread(self.collect, hash_wanted=wanted)
             self.reading.clear()
@@ -226,6 +251,16 @@ class Source:
                 time.monotonic() - walked,
             )
             return {"manifest": blob}, ()
+        if kind == "manifest-next":
+            if self.parts is None:
+                raise ProtocolError("manifest-next: no manifest is being streamed")
+            if self.asked:
+                raise ProtocolError("manifest-next: the one before is not answered yet")
+            self.asked = True
+            try:
+                return await self._next_part()
+            finally:
+                self.asked = False
         if kind == "read":
             items = body.get("items")
             if not isinstance(items, list):
@@ -244,6 +279,68 @@ class Source:
             self.served.update({p: fresh[p] for p in paths if p in fresh})
             return {"entries": {p: fresh[p].to_wire() for p in paths if p in fresh}}, ()
         raise ProtocolError(f"unknown reclone request {kind!r}")
+
+    def _stream(self, wanted: HashWanted | None) -> None:
+        """Start the walk that streams the manifest: its parts queue up as it goes."""
+        loop = asyncio.get_running_loop()
+        parts: asyncio.Queue[dict[str, Item] | BaseException | None] = asyncio.Queue()
+        stop = threading.Event()
+        self.parts, self.stop, self.served = parts, stop, {}
+        self.reading.clear()
+        self.streamed = (time.monotonic(), 0)
+
+        def put(part: dict[str, Item] | BaseException | None) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                loop.call_soon_threadsafe(parts.put_nowait, part)
+
+        def emit(part: dict[str, Item]) -> None:
+            if stop.is_set():
+                raise RecloneError("the passive hung up")
+            put(part)
+
+        def walk() -> None:
+            try:
+                rest = self.collect(hash_wanted=wanted, emit=emit)
+            except BaseException as exc:  # the passive hears it with the next part asked
+                put(exc)
+            else:
+                if rest:  # what a collect that does not stream returns
+                    put(rest)
+                put(None)
+
+        loop.run_in_executor(None, walk)
+
+    async def _next_part(self) -> tuple[dict[str, Any], tuple[bytes, ...]]:
+        """What the walk found since the last part (waiting for it if nothing yet): every
+        part queued, merged, and whether more will come."""
+        assert self.parts is not None
+        part = await self.parts.get()
+        merged: dict[str, Item] = {}
+        while True:
+            if part is None:
+                self.parts = None
+                break
+            if isinstance(part, BaseException):
+                self.parts = None
+                if isinstance(part, SteadError | OSError):
+                    raise part
+                raise RecloneError(f"the walk of the system trees failed: {part!r}") from part
+            merged.update(part)
+            if len(merged) >= MANIFEST_PART or self.parts.empty():
+                break
+            part = self.parts.get_nowait()
+        self.served.update(merged)  # before the passive can ask for any of it
+        started, sent = self.streamed
+        self.streamed = (started, sent + 1)
+        if self.parts is None:
+            log.info(
+                "reclone manifest of %d paths streamed in %d parts in %.2f s",
+                len(self.served),
+                sent + 1,
+                time.monotonic() - started,
+            )
+        blob = await asyncio.to_thread(pack_manifest, merged)
+        return {"manifest": blob, "more": self.parts is not None}, ()
 
     def _read(self, items: list[Any]) -> tuple[list[bytes], list[str | None]]:
         out: list[bytes] = []
@@ -324,20 +421,79 @@ class Progress:
 
 
 class Fetcher:
-    """The passive's side: asks for the manifest and pulls files into staging."""
+    """The passive's side: asks for the manifest and pulls files into staging.
+
+    Requests go out as they are made; one task reads every reply and hands it to the
+    request of its id (the active answers a ``manifest-next`` when its walk has more, not
+    in line with the reads).
+    """
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self._ids = itertools.count(1)
         self.progress = Progress()
         self.verified: dict[str, str] = {}  # path: the digest its staged copy was checked by
+        self._waiting: dict[int, asyncio.Future[m.Reply]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._broken: BaseException | None = None
+
+    async def close(self) -> None:
+        """Stop reading replies (the connection is the caller's to close)."""
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+
+    async def _read_replies(self) -> None:
+        try:
+            while True:
+                reply = await self.conn.recv()
+                if not isinstance(reply, m.Reply):
+                    raise ProtocolError(f"expected a reply, got {reply!r:.80}")
+                waiting = self._waiting.pop(reply.id, None)
+                if waiting is None:
+                    raise ProtocolError(f"reply {reply.id} answers no request")
+                if not waiting.done():  # else its asker gave up waiting
+                    waiting.set_result(reply)
+        except BaseException as exc:
+            self._broken = exc
+            if isinstance(exc, asyncio.CancelledError):
+                self._broken = ChannelError("the reclone connection is closed")
+            for waiting in self._waiting.values():
+                if not waiting.done():
+                    waiting.set_exception(self._broken)
+                    waiting.exception()  # seen: an asker may have gone (a failed copy)
+            self._waiting.clear()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+
+    async def _ask(self, kind: str, body: dict[str, Any]) -> tuple[int, asyncio.Future[m.Reply]]:
+        """Send a request; its reply comes to the future returned."""
+        if self._broken is not None:
+            raise self._broken
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read_replies())
+        request_id = next(self._ids)
+        reply = self._waiting[request_id] = asyncio.get_running_loop().create_future()
+        await self.conn.send(m.Request(id=request_id, kind=kind, body=body))
+        return request_id, reply
+
+    @staticmethod
+    async def _answer(
+        request_id: int, reply: asyncio.Future[m.Reply], kind: str, timeout: float
+    ) -> tuple[dict[str, Any], m.Reply]:
+        try:
+            async with asyncio.timeout(timeout):
+                answer = await reply
+        except TimeoutError:
+            raise TimeoutExpired(f"{kind}: no answer from the active for {timeout:g}s") from None
+        return Fetcher._check(answer, request_id, kind), answer
 
     async def _call(
         self, kind: str, body: dict[str, Any], timeout: float = REPLY_TIMEOUT
     ) -> dict[str, Any]:
-        request_id = next(self._ids)
-        await self.conn.send(m.Request(id=request_id, kind=kind, body=body))
-        return self._check(await self.conn.recv(timeout=timeout), request_id, kind)
+        request_id, reply = await self._ask(kind, body)
+        return (await self._answer(request_id, reply, kind, timeout))[0]
 
     @staticmethod
     def _check(reply: m.Message, request_id: int, kind: str) -> dict[str, Any]:
@@ -348,16 +504,38 @@ class Fetcher:
         return reply.body
 
     async def manifest(self, have: dict[str, int] | None = None) -> dict[str, Item]:
-        """The active's manifest. Given ``have`` (our regular files and their sizes), only
-        files we might hold already come with a digest; without it, every file does."""
-        request: dict[str, Any] = {}
+        """The active's manifest, whole. Given ``have`` (our regular files and their
+        sizes), only files we might hold already come with a digest; without it, every
+        file does."""
+        source: dict[str, Item] = {}
+        async for part in self.manifest_parts(have):
+            source.update(part)
+        return source
+
+    async def manifest_parts(
+        self, have: dict[str, int] | None = None
+    ) -> AsyncIterator[dict[str, Item]]:
+        """The active's manifest in the parts it sends as it walks (a directory before
+        what it holds); an active that does not stream sends it in one."""
+        request: dict[str, Any] = {"stream": True}
         if have is not None:
             request["have"] = await asyncio.to_thread(pack_sizes, have)
-        body = await self._call("manifest", request, MANIFEST_TIMEOUT)
-        blob = body.get("manifest")
-        if not isinstance(blob, bytes):
-            raise ProtocolError("manifest: no manifest in the reply")
-        return await asyncio.to_thread(unpack_manifest, blob)
+        kind = "manifest"
+        seen = 0
+        while True:
+            body = await self._call(kind, request, MANIFEST_TIMEOUT)
+            blob = body.get("manifest")
+            more = body.get("more", False)
+            if not isinstance(blob, bytes) or not isinstance(more, bool):
+                raise ProtocolError(f"{kind}: no manifest in the reply")
+            part = await asyncio.to_thread(unpack_manifest, blob)
+            seen += len(part)
+            if seen > MAX_MANIFEST_PATHS:
+                raise RecloneError(f"the active's manifest lists over {MAX_MANIFEST_PATHS} paths")
+            yield part
+            if not more:
+                return
+            kind, request = "manifest-next", {}
 
     async def entries(self, paths: list[str]) -> dict[str, Item]:
         """Fresh manifest entries of ``paths``, digests included (the active reads these
@@ -376,19 +554,14 @@ class Fetcher:
                 found[path] = Item.from_wire(wire)
         return found
 
-    async def fetch(self, fetches: list[Fetch]) -> None:
-        """Every file into its staging name, checked against its hash; symlinks made."""
-        files = [f for f in fetches if f.item.kind == "file"]
-        self.progress = Progress(
-            files_total=len(files),
-            bytes_total=sum(f.item.size for f in files),
-            started=time.monotonic(),
-        )
-        for link in (f for f in fetches if f.item.kind == "symlink"):
-            await asyncio.to_thread(_make_symlink, link)
-        pending = files
-        for _attempt in range(RETRIES + 1):
-            changed = await self._copy(pending)
+    async def fetch(self, fetches: list[Fetch] | AsyncIterable[list[Fetch]]) -> None:
+        """Every file into its staging name, checked against its hash; symlinks made.
+        ``fetches`` may come in parts (a plan made as the manifest arrives): each is
+        copied as it comes, while the next is awaited."""
+        self.progress = Progress(started=time.monotonic())
+        parts = _once(fetches) if isinstance(fetches, list) else fetches
+        changed = await self._copy(self._counted(parts))
+        for _attempt in range(RETRIES):
             if not changed:
                 return
             entries = await self.entries([f.path for f in changed])
@@ -401,33 +574,45 @@ class Fetcher:
                     raise RecloneError(f"{f.path} changed kind on the active during the reclone")
                 self.progress.bytes_total += item.size - f.item.size
                 pending.append(Fetch(f.path, f.staged, item))
-        raise RecloneError(f"{len(pending)} files kept changing on the active; try again later")
+            changed = await self._copy(_once(pending))
+        if changed:
+            raise RecloneError(f"{len(changed)} files kept changing on the active; try again later")
 
-    async def _copy(self, files: list[Fetch]) -> list[Fetch]:
+    async def _counted(
+        self, parts: AsyncIterable[list[Fetch]]
+    ) -> AsyncGenerator[list[Fetch], None]:
+        """The files of each part, counted in the progress; its symlinks made."""
+        async for fetches in parts:
+            files = [f for f in fetches if f.item.kind == "file"]
+            self.progress.files_total += len(files)
+            self.progress.bytes_total += sum(f.item.size for f in files)
+            links = [f for f in fetches if f.item.kind == "symlink"]
+            if links:
+                await asyncio.to_thread(_make_symlinks, links)
+            yield files
+
+    async def _copy(self, parts: AsyncGenerator[list[Fetch], None]) -> list[Fetch]:
         """One pass; returns the files whose content did not match their hash."""
-        batches = list(_batches(files))
-        queue: asyncio.Queue[tuple[int, list[tuple[Fetch, int, int]]] | None] = asyncio.Queue(
-            WINDOW
-        )
+        queue: asyncio.Queue[tuple[int, asyncio.Future[m.Reply], list[_Range]] | None]
+        queue = asyncio.Queue(WINDOW)
         lanes = [_Lane() for _ in range(WRITERS)]
         changed: list[Fetch] = []
 
         async def send() -> None:
-            for batch in batches:
-                request_id = next(self._ids)
-                items = [[f.path, offset, length] for f, offset, length in batch]
-                await queue.put((request_id, batch))
-                body = {"items": items, "tail": True}
-                await self.conn.send(m.Request(id=request_id, kind="read", body=body))
+            async with contextlib.aclosing(parts):
+                async for files in parts:
+                    for batch in _batches(files):
+                        items = [[f.path, offset, length] for f, offset, length in batch]
+                        asked = await self._ask("read", {"items": items, "tail": True})
+                        await queue.put((*asked, batch))
             await queue.put(None)
 
         async def receive() -> None:
             while (entry := await queue.get()) is not None:
-                request_id, batch = entry
-                reply = await self.conn.recv(timeout=REPLY_TIMEOUT)
-                body = self._check(reply, request_id, "read")
+                request_id, asked, batch = entry
+                body, reply = await self._answer(request_id, asked, "read", REPLY_TIMEOUT)
                 # Views of the frame received; an active that predates tails sends a list.
-                data = body["data"] if "data" in body else list(cast(m.Reply, reply).data)
+                data = body["data"] if "data" in body else list(reply.data)
                 digests = body.get("digests", [None] * len(batch))
                 if not isinstance(data, list) or len(data) != len(batch):
                     raise ProtocolError("read: the reply does not match the request")
@@ -482,8 +667,10 @@ class Fetcher:
         return changed
 
 
+# A range of a file asked for: the file, offset and length.
+_Range = tuple[Fetch, int, int]
 # One writer's share of an answer: the ranges, their bytes, and the digests the active sent.
-_Part = tuple[list[tuple[Fetch, int, int]], list[Any], list[Any]]
+_Part = tuple[list[_Range], list[Any], list[Any]]
 
 
 class _Lane:
@@ -594,8 +781,17 @@ class Staging:
         self.files.clear()
 
 
+async def _once(fetches: list[Fetch]) -> AsyncGenerator[list[Fetch], None]:
+    yield fetches
+
+
 def _make_symlink(f: Fetch) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(f.staged)
     os.symlink(f.item.target, f.staged)
     set_meta(f.staged, f.item.meta, symlink=True)
+
+
+def _make_symlinks(links: list[Fetch]) -> None:
+    for f in links:
+        _make_symlink(f)

@@ -78,6 +78,12 @@ HashFile = Callable[[str], tuple[bytes, int]]
 # Whether a regular file's content must be read now, given its path and size: a file it
 # declines is recorded with its size and an empty digest (unless the cache knows it).
 HashWanted = Callable[[str, int], bool]
+# Called during a walk with the manifest so far and the paths recorded since the last call
+# (in walk order: a directory before what it holds), each entry final.
+Emit = Callable[["SystemManifest", list[str]], None]
+PART_FIRST = 1_000  # paths in the first part a walk emits (the copy can start early)
+PART_MOST = 16_384  # parts double up to this many paths
+PART_SECONDS = 0.5  # or go out after this long (a walk that hashes big files)
 
 
 class PathEntry(NamedTuple):
@@ -280,7 +286,12 @@ class _Walk:
         virtual: frozenset[str],
         cache: HashCache | None,
         hash_wanted: HashWanted | None = None,
+        emit: Emit | None = None,
     ) -> None:
+        self.emit = emit
+        self.fresh: list[str] = []  # recorded since the last emit
+        self.part = PART_FIRST
+        self.emitted = time.monotonic()
         self.cache = cache
         self.hash_wanted = hash_wanted
         self.excluded = PathSet(list(scope.exclude))
@@ -314,12 +325,25 @@ class _Walk:
                 self.manifest.entries[tree] = PathEntry(tree, "dir", 0, 0, 0, error=_reason(exc))
                 continue
             self._tree(tree, st, listed)
+        if self.emit is not None:
+            self._emit()
         return self.manifest
+
+    def _emit(self) -> None:
+        assert self.emit is not None
+        fresh, self.fresh = self.fresh, []
+        self.part = min(self.part * 2, PART_MOST)
+        self.emitted = time.monotonic()
+        self.emit(self.manifest, fresh)
 
     def _tree(self, tree: str, st: os.stat_result, listed: int) -> None:
         # Each path with its lstat and when it was listed (for the hash cache's settling).
         pending: list[tuple[str, os.stat_result, int]] = [(tree, st, listed)]
         while pending:
+            if self.fresh and (  # every entry recorded so far is final here
+                len(self.fresh) >= self.part or time.monotonic() - self.emitted >= PART_SECONDS
+            ):
+                self._emit()
             path, st, listed = pending.pop()
             if not self._keep(path):
                 continue
@@ -380,6 +404,8 @@ class _Walk:
             )
         self.manifest.entries[path] = entry
         self.manifest.mtimes[path] = st.st_mtime_ns
+        if self.emit is not None:
+            self.fresh.append(path)
         return entry
 
     def _file(self, path: str, st: os.stat_result, listed: int) -> tuple[bytes, int]:
@@ -404,6 +430,7 @@ def build_manifest(
     virtual: frozenset[str] | None = None,
     cache: HashCache | None = None,
     hash_wanted: HashWanted | None = None,
+    emit: Emit | None = None,
 ) -> SystemManifest:
     """Walk the trees of ``scope`` into a :class:`SystemManifest` (blocking).
 
@@ -414,11 +441,14 @@ def build_manifest(
     a file whose size, mtime, ctime, inode and device are those it was hashed with is not
     read again; the cache is saved with what this walk met. With ``hash_wanted``, a regular
     file it declines (by path and size) is not read: its entry has an empty digest, unless
-    the cache held one.
+    the cache held one. With ``emit``, the walk hands over its entries in parts as it goes
+    (see :data:`Emit`): first :data:`PART_FIRST` paths, then twice as many each time up to
+    :data:`PART_MOST`, or what it has after :data:`PART_SECONDS`; the last part at the end.
     """
     if virtual is None:
         virtual = virtual_mounts()
-    manifest = _Walk(scope, hash_file, max_entries, virtual, cache, hash_wanted).run()
+    walk = _Walk(scope, hash_file, max_entries, virtual, cache, hash_wanted, emit)
+    manifest = walk.run()
     if cache is not None:
         cache.save()
     return manifest
