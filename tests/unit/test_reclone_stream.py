@@ -258,3 +258,48 @@ def test_a_walk_that_fails_or_a_stray_request_is_refused_clearly(
     match = "Input/output error" if fault == "walk fails" else "no manifest is being streamed"
     with pytest.raises(SteadError, match=match):
         asyncio.run(run())
+
+
+def test_staged_data_is_flushed_in_the_background_one_flush_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every FLUSH_EVERY bytes staged the fetcher starts the flush it was given (the
+    swap's syncfs then finds little left); never two at once."""
+    from stead.reclone import transfer
+
+    monkeypatch.setattr(transfer, "FLUSH_EVERY", 2_000)
+    items = _items(tmp_path / "active", 60)  # about 9 KB
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    fetches = [Fetch(p, str(stage / f"{n:04d}"), i) for n, (p, i) in enumerate(items.items())]
+    running, most, calls = [0], [0], [0]
+    lock = threading.Lock()
+
+    def flush() -> None:
+        with lock:
+            running[0] += 1
+            calls[0] += 1
+            most[0] = max(most[0], running[0])
+        os.sync()
+        with lock:
+            running[0] -= 1
+
+    async def run() -> None:
+        a: asyncio.Queue[m.Message] = asyncio.Queue()
+        b: asyncio.Queue[m.Message] = asyncio.Queue()
+        fetcher = Fetcher(cast(Connection, _Pipe(a, b)))
+        fetcher.flush = flush
+        source = Source(lambda **_: dict(items))
+        server = asyncio.create_task(source.serve(cast(Connection, _Pipe(b, a))))
+        try:
+            await fetcher.manifest({})
+            await fetcher.fetch(fetches)
+            if fetcher._flushing is not None:
+                await fetcher._flushing
+        finally:
+            server.cancel()
+            await fetcher.close()
+
+    asyncio.run(run())
+    assert calls[0] >= 1
+    assert most[0] == 1

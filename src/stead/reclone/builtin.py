@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import ssl
@@ -30,7 +31,7 @@ from stead.config.schema import ClusterConfig, NodeSection
 from stead.config.system import PathSet
 from stead.errors import ChannelError, ProtocolError, RecloneError, SteadError
 from stead.reclone.plan import Fetch, Item, Kind, Planner, Work
-from stead.reclone.swap import AREA, Meta, Swapper
+from stead.reclone.swap import AREA, Meta, Swapper, stage_dir, sync_paths
 from stead.reclone.transfer import REPLY_TIMEOUT, Fetcher, Source
 from stead.system import hashcache
 from stead.system.hashcache import HashCache
@@ -294,6 +295,8 @@ class Rebuilder:
                     if not dry_run:
                         await asyncio.to_thread(self.swapper.begin, planner.work.plan)
                         begun = True
+                        stages = [str(stage_dir(tree, state.run)) for tree in trees]
+                        fetcher.flush = functools.partial(sync_paths, stages)
                     state.phase = "plan" if dry_run else "copy"
                 # Files we hold at the active's size that it did not hash (the hint was
                 # stale): their digests now, so that an identical file is not copied.

@@ -204,7 +204,7 @@ def seal_staged_dirs(plan: Plan) -> None:
         set_meta(directory, meta)
 
 
-def _sync(paths: Iterable[str]) -> None:
+def sync_paths(paths: Iterable[str]) -> None:
     """Make durable what was written under ``paths``: one ``syncfs`` per file system.
 
     ``paths`` name a directory on each file system touched (a swap renames within one file
@@ -285,7 +285,7 @@ class Swapper:
         seal_staged_dirs(plan)
         # Staged data durable before the intent says it may be used (the fetcher started its
         # write-back as each file completed, so little is left to flush here).
-        _sync(str(stage_dir(tree, plan.run)) for tree in plan.trees)
+        sync_paths(str(stage_dir(tree, plan.run)) for tree in plan.trees)
         self._write(self.intent_path, plan.to_json("swapping"))
         self._roll_forward(plan)
 
@@ -296,7 +296,7 @@ class Swapper:
         for op in reversed(plan.ops):  # directories last and deepest first: children touch them
             if op.kind in ("dir", "meta") and op.meta is not None and os.path.isdir(op.path):
                 set_meta(op.path, op.meta)
-        _sync([*plan.trees, *parents.devices.values()])
+        sync_paths([*plan.trees, *parents.devices.values()])
         previous = self.generation()
         self._write(self.generation_path, plan.to_json("done"))
         self.intent_path.unlink(missing_ok=True)
@@ -345,7 +345,7 @@ class Swapper:
             raise RecloneError(f"the originals of reclone {plan.run} were deleted")
         for op in reversed(plan.ops):
             _backward(op)
-        _sync([*plan.trees, *{os.path.dirname(op.path) for op in plan.ops}])
+        sync_paths([*plan.trees, *{os.path.dirname(op.path) for op in plan.ops}])
         self._drop(plan)
         return plan
 

@@ -67,7 +67,8 @@ MAX_MANIFEST = 1024**3  # decompressed; a manifest is about 100 bytes a path
 REPLY_TIMEOUT = 30.0  # a read answer; a cut link fails the copy (and the staging) after this
 MANIFEST_TIMEOUT = 3600.0  # the active hashes its whole scope first
 SERVE_AHEAD = 2  # answers the active holds ready while it sends the one before
-MANIFEST_PART = 50_000  # paths at most in one streamed part of the manifest
+FLUSH_EVERY = 128 * 1024**2  # staged bytes between two background flushes
+MANIFEST_PART = 8_192  # paths at most in one streamed part of the manifest
 MAX_MANIFEST_PATHS = 10_000_000  # in all its parts
 ENTRY_BATCH = 10_000  # paths per entry request
 MAX_READING = 4096  # files a passive may have half read at once (their hashers)
@@ -436,6 +437,22 @@ class Fetcher:
         self._waiting: dict[int, asyncio.Future[m.Reply]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._broken: BaseException | None = None
+        self.flush: Callable[[], None] | None = None
+        self._dirty = 0
+        self._flushing: asyncio.Future[None] | None = None
+
+    def _flush_soon(self, written: int) -> None:
+        """Every FLUSH_EVERY bytes staged, the ``flush`` given (a ``syncfs`` of the
+        staging areas) runs in the background, one at a time: the disk writes back what
+        was staged while the copy goes on, and the swap's flush finds little left."""
+        self._dirty += written
+        if self.flush is None or self._dirty < FLUSH_EVERY:
+            return
+        if self._flushing is not None and not self._flushing.done():
+            return
+        self._dirty = 0
+        self._flushing = asyncio.ensure_future(asyncio.to_thread(self.flush))
+        self._flushing.add_done_callback(_flushed)
 
     async def close(self) -> None:
         """Stop reading replies (the connection is the caller's to close)."""
@@ -650,7 +667,9 @@ class Fetcher:
                     self.progress.files_done += 1
                     if not ok:
                         changed.append(f)
-                self.progress.bytes_done += sum(len(d) for d in data)
+                written = sum(len(d) for d in data)
+                self.progress.bytes_done += written
+                self._flush_soon(written)
 
         try:
             async with asyncio.TaskGroup() as tasks:
@@ -779,6 +798,11 @@ class Staging:
             with contextlib.suppress(OSError):
                 os.close(state.fd)
         self.files.clear()
+
+
+def _flushed(done: asyncio.Future[None]) -> None:
+    if not done.cancelled() and (exc := done.exception()) is not None:
+        log.warning("reclone: flush of the staging area failed: %s", exc)  # the swap's counts
 
 
 async def _once(fetches: list[Fetch]) -> AsyncGenerator[list[Fetch], None]:
