@@ -613,6 +613,7 @@ class Fetcher:
         queue: asyncio.Queue[tuple[int, asyncio.Future[m.Reply], list[_Range]] | None]
         queue = asyncio.Queue(WINDOW)
         lanes = [_Lane() for _ in range(WRITERS)]
+        placed: dict[str, int] = {}  # the lane of each file under way
         changed: list[Fetch] = []
 
         async def send() -> None:
@@ -637,7 +638,16 @@ class Fetcher:
                     raise ProtocolError("read: the digests do not match the request")
                 parts: list[_Part] = [([], [], []) for _ in lanes]
                 for piece, chunk, digest in zip(batch, data, digests, strict=True):
-                    part = parts[hash(piece[0].staged) % len(lanes)]  # a file keeps its lane
+                    f, offset, length = piece
+                    # A file keeps its lane; a new one goes to the least loaded lane.
+                    index = placed.get(f.staged)
+                    if index is None:
+                        index = min(range(len(lanes)), key=lambda i: lanes[i].load)
+                        placed[f.staged] = index
+                    if offset + length >= f.item.size:
+                        del placed[f.staged]
+                    lanes[index].load += len(chunk)
+                    part = parts[index]
                     part[0].append(piece)
                     part[1].append(chunk)
                     part[2].append(digest)
@@ -668,6 +678,7 @@ class Fetcher:
                     if not ok:
                         changed.append(f)
                 written = sum(len(d) for d in data)
+                lane.load -= written
                 self.progress.bytes_done += written
                 self._flush_soon(written)
 
@@ -698,6 +709,7 @@ class _Lane:
     def __init__(self) -> None:
         self.queue: asyncio.Queue[_Part | None] = asyncio.Queue(WRITE_QUEUE)
         self.staging = Staging()
+        self.load = 0  # bytes given to it and not written yet
 
 
 def _batches(files: list[Fetch]) -> Any:
