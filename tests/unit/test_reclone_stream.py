@@ -303,3 +303,63 @@ def test_staged_data_is_flushed_in_the_background_one_flush_at_a_time(
     asyncio.run(run())
     assert calls[0] >= 1
     assert most[0] == 1
+
+
+def test_a_reclone_asked_while_the_last_one_keeps_its_digests_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    """A passive says "done" as soon as its swap is over and keeps the digests of what it
+    staged afterwards; a new reclone asked meanwhile starts once that is kept, not refused.
+    One still copying is refused."""
+    import ssl
+
+    from stead.config.init import create_cluster, parse_node_spec
+    from stead.config.load import load
+    from stead.reclone.builtin import Rebuilder
+
+    nodes = [parse_node_spec("primary=198.18.0.11"), parse_node_spec("secondary=198.18.0.12")]
+    directory = create_cluster(
+        tmp_path / "c", cluster_name="c", nodes=nodes, active="primary", protect=["/srv"]
+    )
+    cluster = load(directory / "nodes" / "secondary").cluster
+    order: list[str] = []
+
+    async def run() -> None:
+        copying, go_on, swapped, keeping = (asyncio.Event() for _ in range(4))
+        rebuilder = Rebuilder(
+            me="secondary",
+            cluster=cluster,
+            state_dir=tmp_path / "state",
+            ssl_context=ssl.create_default_context(),
+            hello=lambda: cast(m.Hello, None),
+        )
+
+        async def rebuild(active: Any, *, delete_original: bool, dry_run: bool) -> None:
+            run = rebuilder.state.run
+            order.append(f"{run} starts")
+            if run == "one":
+                rebuilder.state.phase = "copy"
+                copying.set()
+                await go_on.wait()
+                rebuilder.state.phase = "done"  # swapped; the digests are kept next
+                swapped.set()
+                await keeping.wait()
+            order.append(f"{run} ends")
+
+        rebuilder._rebuild = rebuild  # type: ignore[method-assign]
+        rebuilder.start("one", "primary", delete_original=False, dry_run=False)
+        await copying.wait()
+        with pytest.raises(RecloneError, match="already recloning"):
+            rebuilder.start("two", "primary", delete_original=False, dry_run=False)
+        go_on.set()
+        await swapped.wait()
+        rebuilder.start("two", "primary", delete_original=False, dry_run=False)
+        await asyncio.sleep(0)  # the new run's task has begun: it waits
+        assert order == ["one starts"]
+        keeping.set()
+        assert rebuilder.task is not None
+        await rebuilder.task
+        assert rebuilder.state.run == "two" and rebuilder.state.phase == "done"
+
+    asyncio.run(run())
+    assert order == ["one starts", "one ends", "two starts", "two ends"]

@@ -227,17 +227,29 @@ class Rebuilder:
         return self.task is not None and not self.task.done()
 
     def start(self, run: str, active: str, *, delete_original: bool, dry_run: bool) -> None:
-        if self.busy:
+        if self.busy and self.state.phase != "done":
             raise RecloneError(f"{self.me} is already recloning (run {self.state.run})")
+        # A run that is done may still be keeping its digests: the new one waits for that.
+        previous = self.task if self.busy else None
         self.state = RunState(run=run, phase="manifest", started=time.time())
         node = self.cluster.node(active)
         self.task = asyncio.get_running_loop().create_task(
-            self._run(node, delete_original=delete_original, dry_run=dry_run)
+            self._run(node, delete_original=delete_original, dry_run=dry_run, after=previous)
         )
 
-    async def _run(self, active: NodeSection, *, delete_original: bool, dry_run: bool) -> None:
+    async def _run(
+        self,
+        active: NodeSection,
+        *,
+        delete_original: bool,
+        dry_run: bool,
+        after: asyncio.Task[None] | None = None,
+    ) -> None:
         state = self.state
         try:
+            if after is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(after)
             await self._rebuild(active, delete_original=delete_original, dry_run=dry_run)
             state.phase = "done"
         except asyncio.CancelledError:
@@ -251,7 +263,7 @@ class Rebuilder:
             else:
                 log.exception("reclone %s failed", state.run)
         finally:
-            state.finished = time.time()
+            state.finished = state.finished or time.time()
 
     async def _rebuild(self, active: NodeSection, *, delete_original: bool, dry_run: bool) -> None:
         state = self.state
@@ -362,12 +374,23 @@ class Rebuilder:
     async def _swap(self, fetcher: Fetcher, work: Work) -> None:
         state = self.state
         state.phase = "swap"
+        started = time.monotonic()
         # Shielded: once the intent says "swapping", finishing is the only way out.
         await asyncio.shield(asyncio.to_thread(self.swapper.swap, work.plan))
+        swapped = time.monotonic()
+        # Done: the active may go on (its check of the protected set) while we keep the
+        # digests of what we staged for the next reclone.
+        state.phase, state.finished = "done", time.time()
         try:
             await asyncio.to_thread(remember_swapped, self.cache_path, work, fetcher.verified)
-        except OSError as exc:  # a cache: the reclone is done without it
+        except Exception as exc:  # a cache: the reclone is done without it
             log.warning("reclone %s: hash cache not updated: %s", state.run, exc)
+        log.info(
+            "reclone %s: swapped in %.2f s, hash cache updated in %.2f s",
+            state.run,
+            swapped - started,
+            time.monotonic() - swapped,
+        )
 
     async def _connect(self, active: NodeSection) -> Connection:
         channel = self.cluster.channel
