@@ -26,7 +26,7 @@ from stead.replication.capture import make_capture
 from stead.replication.capture.base import FileReader
 from stead.replication.capture.fanotify import FanotifyCapture, probe
 from stead.replication.capture.inotify import InotifyCapture
-from stead.replication.capture.scan import initial_scan, take_batch_or_end
+from stead.replication.capture.scan import initial_scan
 from stead.replication.entries import Entry, Op
 from stead.replication.filters import Filter
 from stead.replication.manifest import Manifest
@@ -548,14 +548,3 @@ async def test_file_renames_cost_the_same_however_much_is_queued(
     # A directory rename still moves everything below it.
     capture._move((ROOT, "busy"), (ROOT, "moved"), is_dir=True)
     assert (ROOT, "moved/f5") in capture._pending and (ROOT, "busy/f5") not in capture._pending
-
-
-def test_a_batch_says_whether_the_entries_ended_with_it() -> None:
-    """Capture learns of the end with the last batch, not with a call for an empty one."""
-    entries = [Entry(Op.MKDIR, "data", f"d{n}", mode=0o755) for n in range(5)]
-    produced = iter(entries)
-    assert take_batch_or_end(produced, max_entries=2) == (entries[:2], False)
-    assert take_batch_or_end(produced, max_entries=2) == (entries[2:4], False)
-    assert take_batch_or_end(produced, max_entries=2) == (entries[4:], True)
-    assert take_batch_or_end(iter(entries), max_entries=10) == (entries, True)
-    assert take_batch_or_end(iter([]), max_entries=10) == ([], True)

@@ -289,13 +289,3 @@ def test_tail_serves_recent_records_without_the_log(tmp_path: Path) -> None:
         assert _all_from(journal, 1) == list(range(1, 21))
         journal.restart_at(100)
         assert journal._tail.read(20, 1 << 20, 100) is None
-
-
-def test_a_sender_reads_the_newest_records_from_memory_or_learns_it_must_read_the_log(
-    tmp_path: Path,
-) -> None:
-    with Journal(tmp_path, tail_bytes=1) as journal:  # the memory keeps only the newest
-        journal.append(1, ENTRIES)
-        assert journal.read_memory(1) is None  # on disk only: the thread's read_from
-        newest = journal.read_memory(len(ENTRIES))
-        assert newest is not None and [seq for seq, _ in newest] == [len(ENTRIES)]

@@ -449,17 +449,6 @@ class Journal(_TypedLog):
                 return _take(itertools.islice(self._pending, start, None), max_bytes, max_records)
         return self.log.read_from(seq, max_bytes, max_records)
 
-    def read_memory(
-        self,
-        seq: int,
-        max_bytes: int = DEFAULT_READ_BYTES,
-        max_records: int = DEFAULT_READ_RECORDS,
-    ) -> list[tuple[int, bytes]] | None:
-        """:meth:`read_from` if the newest records in memory hold ``seq``, else None: no
-        disk and no wait for a flush, so that a sender keeping up can call it on its event
-        loop instead of handing a thread each small read."""
-        return self._tail.read(seq, max(max_bytes, 0), max(max_records, 1))
-
     def discard_through(self, seq: int) -> None:
         """Drop what every passive holds: whole segments up to ``seq``, and pending records."""
         self.log.discard_through(seq)

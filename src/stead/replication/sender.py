@@ -242,9 +242,7 @@ class Sender:
                 await self._reset_passive()
                 position = self.state.persisted + 1
                 continue
-            records = self.journal.read_memory(position, batch_bytes)
-            if records is None:  # older than the journal's memory: from disk, in a thread
-                records = await asyncio.to_thread(self.journal.read_from, position, batch_bytes)
+            records = await asyncio.to_thread(self.journal.read_from, position, batch_bytes)
             if not records:
                 continue
             if records[0][0] != position:

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import ClassVar, Generic, TypeVar
 
 from stead.replication.capture.base import CaptureBackend, CaptureStats, Emit, FileReader, meta_of
-from stead.replication.capture.scan import scan_entries, take_batch_or_end
+from stead.replication.capture.scan import scan_entries, take_batch
 from stead.replication.entries import Entry, Op
 from stead.replication.filters import Filter
 from stead.replication.manifest import Manifest
@@ -282,11 +282,7 @@ class EventCapture(CaptureBackend, Generic[K]):
         """Read and emit ``items`` batch by batch (reading in a worker thread), then commit
         the manifest records they describe; lock held by the caller."""
         count = 0
-        ended = False
-        while not ended:  # one worker-thread call per batch, none to learn of the end
-            batch, ended = await asyncio.to_thread(take_batch_or_end, items)
-            if not batch:
-                break
+        while batch := await asyncio.to_thread(take_batch, items):
             await emit(batch)
             self.stats.count(batch)
             count += len(batch)

@@ -73,22 +73,14 @@ def take_batch(
     entries: Iterator[Entry], max_entries: int = BATCH_ENTRIES, max_bytes: int = BATCH_BYTES
 ) -> list[Entry]:
     """The next batch of ``entries``, bounded by count and payload bytes ([] at the end)."""
-    return take_batch_or_end(entries, max_entries, max_bytes)[0]
-
-
-def take_batch_or_end(
-    entries: Iterator[Entry], max_entries: int = BATCH_ENTRIES, max_bytes: int = BATCH_BYTES
-) -> tuple[list[Entry], bool]:
-    """:func:`take_batch`, and whether ``entries`` ended with it (no call needed to learn
-    that the next batch is empty)."""
     batch: list[Entry] = []
     size = 0
     for entry in entries:
         batch.append(entry)
         size += entry.payload_bytes()
         if len(batch) >= max_entries or size >= max_bytes:
-            return batch, False
-    return batch, True
+            break
+    return batch
 
 
 def batched(
