@@ -28,8 +28,8 @@ from stead.errors import RecloneError
 from stead.reclone.builtin import collect
 from stead.reclone.plan import make_plan
 from stead.reclone.providers import BuiltinProvider, CloneProvider
+from stead.reclone.staging import make_symlink
 from stead.reclone.swap import AREA, Swapper, set_meta
-from stead.reclone.transfer import _make_symlink
 from stead.system.manifest import Scope
 
 libvirt = pytest.importorskip("libvirt")
@@ -130,7 +130,7 @@ class FakeAgent:
         swapper.begin(work.plan)
         for fetch in work.fetch:
             if fetch.item.kind == "symlink":
-                _make_symlink(fetch)
+                make_symlink(fetch)
             else:
                 shutil.copyfile(src + fetch.path[len(dst) :], fetch.staged)
                 set_meta(fetch.staged, fetch.item.meta)

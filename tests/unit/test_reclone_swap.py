@@ -18,6 +18,7 @@ from stead.config.system import PathSet
 from stead.errors import RecloneError
 from stead.reclone.builtin import collect, remember_swapped
 from stead.reclone.plan import Item, Work, make_plan, tree_of
+from stead.reclone.staging import make_symlink
 from stead.reclone.swap import (
     AREA,
     Op,
@@ -28,7 +29,6 @@ from stead.reclone.swap import (
     seal_staged_dirs,
     set_meta,
 )
-from stead.reclone.transfer import _make_symlink
 from stead.system.hashcache import HashCache
 from stead.system.manifest import Scope, hash_file
 
@@ -95,7 +95,7 @@ def _plan(tmp_path: Path, run: str = "r1") -> tuple[Path, Path, Work]:
 def _stage(active: Path, passive: Path, work: Work) -> None:
     for fetch in work.fetch:
         if fetch.item.kind == "symlink":
-            _make_symlink(fetch)
+            make_symlink(fetch)
         else:
             origin = str(active) + fetch.path[len(str(passive)) :]
             shutil.copyfile(origin, fetch.staged)

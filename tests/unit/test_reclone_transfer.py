@@ -21,7 +21,8 @@ from stead.channel.transport import Connection
 from stead.errors import ProtocolError, SteadError
 from stead.reclone import transfer
 from stead.reclone.plan import Fetch, Item
-from stead.reclone.transfer import Fetcher, Source, Staging, pack_sizes, unpack_sizes
+from stead.reclone.staging import Staging
+from stead.reclone.transfer import Fetcher, Source, pack_sizes, unpack_sizes
 from stead.system.hashcache import HashCache
 
 
