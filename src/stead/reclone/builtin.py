@@ -271,11 +271,7 @@ class Rebuilder:
         fetcher = state.fetcher = Fetcher(conn)
         scope = scope_of(self.cluster)
         trees = list(scope.trees)
-        # What we held when we last hashed, by size (our hash cache): the active reads and
-        # hashes only the files we might hold already; what we lack is hashed as it is
-        # copied. A wrong hint costs time, never correctness: see below.
         started = time.monotonic()
-        have = await asyncio.to_thread(sizes_cached, self.cache_path, scope)
         # Our own walk runs while the active walks its trees: neither waits for the other.
         walk = asyncio.ensure_future(
             asyncio.to_thread(collect, scope, serving=False, cache=self.cache_path)
@@ -288,6 +284,10 @@ class Rebuilder:
             """The active's manifest, planned part by part as it arrives: the files of
             each part are copied while the active walks on."""
             nonlocal planner, begun
+            # What we held when we last hashed, by size (our hash cache): the active reads
+            # and hashes only the files we might hold already; what we lack is hashed as it
+            # is copied. A wrong hint costs time, never correctness: see below.
+            have = await asyncio.to_thread(sizes_cached, self.cache_path, scope)
             async for part in fetcher.manifest_parts(have):
                 if planner is None:
                     here = await walk
