@@ -250,19 +250,32 @@ def test_disk_full_passive_stalls_then_recovers(lab: Any) -> None:
 def test_check_repairs_a_drifted_passive(lab: Any) -> None:
     built: Lab = lab(2)
     wait_connected(built)
-    sh(built, "primary", "head -c 1000000 /dev/urandom > /srv/lab/data && echo a > /srv/lab/a")
+    sh(
+        built,
+        "primary",
+        "cd /srv/lab && head -c 1000000 /dev/urandom > data && echo a > a && "
+        "echo linked > l1 && ln l1 l2 && echo same > s1 && echo same > s2 && "
+        "touch -d 2020-01-01 s1 s2",
+    )
     wait_sync(built)
-    # Same size and mtime: only block checksums can see this change.
+    # Same size and mtime: only block checksums can see this change. l1/l2 split apart and
+    # s1/s2 joined into one inode: same content, only the link ids differ.
     sh(
         built,
         "secondary",
         "cd /srv/lab && cp -p data /tmp/ref && "
         "printf Q | dd of=data bs=1 seek=500000 conv=notrunc status=none && "
-        "touch -r /tmp/ref data && echo junk > extra && chmod 700 a",
+        "touch -r /tmp/ref data && echo junk > extra && chmod 700 a && "
+        "cp -p l2 l2.new && mv l2.new l2 && ln -f s1 s2",
     )
     fast = check_json(built, "--fast")
     whats = {d["path"]: d["what"] for d in fast["result"]["secondary"]["differences"]}
-    assert whats == {"extra": "extra", "a": "meta"}
+    links = dict.fromkeys(["l1", "l2", "s1", "s2"], "links")
+    assert whats == {"extra": "extra", "a": "meta", **links}
+    secondary = built.node_fs_path("secondary")
+    wait_sync(built)
+    assert os.path.samestat((secondary / "l1").stat(), (secondary / "l2").stat())
+    assert (secondary / "s1").stat().st_nlink == 1
     full = check_json(built)
     whats = {d["path"]: d["what"] for d in full["result"]["secondary"]["differences"]}
     assert whats == {"data": "content"}

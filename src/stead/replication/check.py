@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 PAGE = 5000
 PAGE_HASH_BYTES = 256 * 1024**2  # a full-check page hashes at most this much file data
 CATCH_UP_TIMEOUT = 120.0
+LINK_ID_MASK = 2**63 - 1
 LISTING_TTL = 600.0
 _check_ids = itertools.count(1)
 _listings: dict[str, tuple[float, list[tuple[str, os.stat_result]]]] = {}
@@ -64,6 +65,17 @@ def file_hashes(path: Path, size: int, block_size: int) -> bytes:
         os.close(fd)
 
 
+def link_id(st: os.stat_result) -> int:
+    """Which inode a file with further names is (equal ids: one inode), 0 for any other.
+
+    Only compared within one listing: it tells the active which of the passive's names
+    share an inode, so that a split or wrongly joined hard link is found and mended.
+    """
+    if st.st_nlink < 2 or not stat.S_ISREG(st.st_mode):
+        return 0
+    return hash((st.st_dev, st.st_ino)) & LINK_ID_MASK or 1
+
+
 def _item(root: Path, relpath: str, st: os.stat_result, full: bool, block_size: int) -> list[Any]:
     kind = _kind(st.st_mode)
     extra: Any = None
@@ -83,6 +95,7 @@ def _item(root: Path, relpath: str, st: os.stat_result, full: bool, block_size: 
         st.st_uid,
         st.st_gid,
         extra,
+        link_id(st),
     ]
 
 
@@ -142,11 +155,14 @@ async def answer_list(
 
 
 def _validate_item(item: Any) -> tuple[str, list[Any]]:
-    if not isinstance(item, list) or len(item) != 8 or not isinstance(item[0], str):
+    """One item of a passive's listing; a ninth field (link id) is optional (older peers)."""
+    if not isinstance(item, list) or len(item) not in (8, 9) or not isinstance(item[0], str):
         raise ProtocolError("malformed listing item")
     check_relative_path(item[0])
     if item[1] not in ("d", "f", "l", "o") or not all(isinstance(v, int) for v in item[2:7]):
         raise ProtocolError(f"malformed listing item for {item[0]!r}")
+    if len(item) == 9 and (not isinstance(item[8], int) or not 0 <= item[8] <= LINK_ID_MASK):
+        raise ProtocolError(f"malformed link id for {item[0]!r}")
     return item[0], item
 
 
@@ -197,16 +213,23 @@ async def run_check(
         progress["total"] = max(len(local), len(remote))
         resend: list[tuple[str, bytes | None]] = []
         meta: list[Entry] = []
+        linked, mislinked = _link_groups(local, remote)
+        regroup: dict[tuple[str, ...], None] = dict.fromkeys(mislinked)
         for relpath, st in local:
             compared += 1
             progress["compared"] = compared
             theirs = remote.pop(relpath, None)
             what = await asyncio.to_thread(_compare, root, relpath, st, theirs, fast, block_size)
+            group = linked.get(relpath)
+            if what is None and group in mislinked:
+                what = "links"
             if what is None:
                 continue
             differences.append({"root": root_key, "path": relpath, "what": what})
             if what == "meta":
                 meta.append(_meta_entry(root_key, relpath, st))
+            elif group is not None:
+                regroup[group] = None  # the inode goes again as one file and its links
             else:
                 hashes = (
                     theirs[7] if theirs is not None and what == "content" and not fast else None
@@ -217,9 +240,41 @@ async def run_check(
             differences.append({"root": root_key, "path": entry.path, "what": "extra"})
         await emit(deletes + meta)
         repair_entries += len(deletes) + len(meta)
-        repair_entries += await capture.reconcile(root_key, resend)
+        repair_entries += await capture.reconcile(root_key, resend, list(regroup))
     progress["phase"] = "done"
     return {"compared": compared, "differences": differences, "repair_entries": repair_entries}
+
+
+def _link_groups(
+    local: list[tuple[str, os.stat_result]], remote: dict[str, list[Any]]
+) -> tuple[dict[str, tuple[str, ...]], set[tuple[str, ...]]]:
+    """The active's hard-linked names by inode, and the inodes whose names the passive
+    does not hold as exactly one inode (split, or joined with another name).
+
+    Returns ``path -> names of its inode`` for every file with further names here, and
+    the set of those name groups (or single names) to send again. A passive that lists
+    no link ids (an older peer) is compared by content only.
+    """
+    inodes: dict[tuple[int, int], list[str]] = {}
+    for relpath, st in local:
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            inodes.setdefault((st.st_dev, st.st_ino), []).append(relpath)
+    linked = {name: tuple(names) for names in inodes.values() for name in names}
+    theirs: dict[int, set[str]] = {}
+    for relpath, item in remote.items():
+        if len(item) == 9 and item[1] == "f" and item[8]:
+            theirs.setdefault(item[8], set()).add(relpath)
+    mislinked: set[tuple[str, ...]] = set()
+    for relpath, st in local:
+        fields = remote.get(relpath)
+        if fields is None or len(fields) != 9 or fields[1] != "f" or not stat.S_ISREG(st.st_mode):
+            continue  # missing or another type: the content comparison sends it
+        ours = linked.get(relpath, (relpath,))
+        same = theirs[fields[8]] if fields[8] else {relpath}
+        if same != set(ours):
+            mislinked.add(ours)
+            linked.setdefault(relpath, ours)
+    return linked, mislinked
 
 
 def _walk(rules: Filter, root: Path) -> list[tuple[str, os.stat_result]]:

@@ -45,7 +45,7 @@ import logging
 import os
 import stat
 from abc import abstractmethod
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Generic, TypeVar
@@ -245,35 +245,53 @@ class EventCapture(CaptureBackend, Generic[K]):
                 if exhausted:
                     return
 
-    async def reconcile(self, root: str, items: list[tuple[str, bytes | None]]) -> int:
+    async def reconcile(
+        self,
+        root: str,
+        items: list[tuple[str, bytes | None]],
+        groups: Sequence[Sequence[str]] = (),
+    ) -> int:
         """Send the current state of paths that a check found different on a passive.
 
         ``items`` pairs a path with the passive's block digests of that file (``None``: the
         passive lacks it or holds something else). The manifest is first told what the
         passive really holds, so a large file that differs in a few blocks travels as a
-        DELTA of exactly those blocks. Runs under the flush lock, in order with captured
-        changes; returns the number of entries emitted.
+        DELTA of exactly those blocks. ``groups`` are the names of hard-linked inodes to
+        send again as one file: the first name as a whole new file, every other name as a
+        ``LINK`` to it (a copy sent under one name alone would split the passive's inode,
+        and a passive whose names are split or wrongly joined is mended the same way).
+        Runs under the flush lock, in order with captured changes; returns the number of
+        entries emitted.
         """
-        if not items:
+        if not items and not groups:
             return 0
         emit = self._emit
         assert emit is not None, "reconcile needs a running capture"
         base = self.roots[root]
+        manifest, reader = self.manifest, self.reader
 
         def produce() -> Iterator[Entry]:
             for relpath, hashes in items:
                 abspath = os.path.join(base, relpath)
-                if self.manifest is not None:
+                if manifest is not None:
                     try:
                         st = os.lstat(abspath)
                     except OSError:
                         continue
-                    if hashes is not None and self.manifest.needs_record(st.st_size):
-                        self.manifest.record(root, relpath, st, hashes)
+                    if hashes is not None and manifest.needs_record(st.st_size):
+                        manifest.record(root, relpath, st, hashes)
                     else:
-                        self.manifest.forget(root, relpath)
-                self.reader.forget_path(root, relpath)
-                yield from self.reader.entries(root, relpath, abspath)
+                        manifest.forget(root, relpath)
+                reader.forget_path(root, relpath)
+                yield from reader.entries(root, relpath, abspath)
+            for names in groups:
+                for relpath in names:  # unknown names: the first travels as a new file
+                    reader.forget_path(root, relpath)
+                    if manifest is not None:
+                        manifest.forget(root, relpath)
+                for index, relpath in enumerate(names):
+                    abspath = os.path.join(base, relpath)
+                    yield from reader.entries(root, relpath, abspath, resend_linked=index == 0)
 
         async with self._lock:
             return await self._emit_all(produce(), emit)
