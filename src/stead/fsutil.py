@@ -58,6 +58,17 @@ def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:
         _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
+def copy_range(src: int, dst: int, size: int) -> None:
+    """Copy the first ``size`` bytes of ``src`` to the same offsets of ``dst`` in the kernel
+    (``copy_file_range``); stops early if ``src`` is shorter."""
+    offset = 0
+    while offset < size:
+        done = os.copy_file_range(src, dst, size - offset, offset, offset)
+        if done == 0:
+            return
+        offset += done
+
+
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     """``pwrite`` until every byte is written (a short write is continued, bounded)."""
     view = memoryview(data)

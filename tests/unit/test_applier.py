@@ -192,6 +192,36 @@ def test_hard_link(node: Node) -> None:
         node.run(op(Op.LINK, "e", target="nope"))
 
 
+def test_content_of_a_linked_inode_goes_in_place(node: Node) -> None:
+    """A FILE flagged linked keeps the passive's inode whole (the active sends a copy when
+    it no longer knows the inode's first name, e.g. after a restart)."""
+    node.run(file("a", b"old"), op(Op.LINK, "b", target="a"))
+    node.run(file("a", b"new!", linked=True))
+    assert (node.path / "b").read_bytes() == b"new!"
+    assert os.path.samestat(os.stat(node.path / "a"), os.stat(node.path / "b"))
+    assert stat.S_IMODE(os.stat(node.path / "b").st_mode) == 0o640
+    assert os.stat(node.path / "b").st_mtime_ns == MTIME
+    node.run(file("b", b"a" * 10, size=25, last=False, linked=True))
+    node.run(file("b", b"b" * 5, offset=20, first=False, size=25, linked=True))
+    assert (node.path / "a").read_bytes() == b"a" * 10 + bytes(10) + b"b" * 5
+    assert os.stat(node.path / "a").st_nlink == 2
+    assert staging(node) == []
+
+
+def test_linked_flag_replays_and_only_joins_what_is_linked_here(node: Node) -> None:
+    node.run(file("a", b"old"), op(Op.LINK, "b", target="a"), file("c", b"alone"))
+    tail = node.records((file("a", b"again", linked=True), file("c", b"linked", linked=True)))
+    node.applier.apply(tail)  # applied, but the crash comes before the mark is stored
+    node.restart()
+    node.apply(tail)
+    assert (node.path / "b").read_bytes() == b"again"
+    assert os.stat(node.path / "a").st_nlink == 2
+    assert (node.path / "c").read_bytes() == b"linked"  # one name here: replaced as usual
+    node.run(file("a", b"split"))  # not linked on the active any more: a new inode
+    assert (node.path / "b").read_bytes() == b"again"
+    assert os.stat(node.path / "b").st_nlink == 1
+
+
 def test_delete_file_symlink_tree_and_missing(node: Node, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()

@@ -1,4 +1,5 @@
-"""Hard links under a check: found split or wrongly joined on a passive, and mended whole.
+"""Hard links on a passive stay whole: under a check (split or wrongly joined names are
+found and mended) and after the active forgot which names it sent (a restart).
 
 A check that re-sent one name of a hard-linked inode as a whole file used to split the
 passive's inode (the copy was renamed over one name only).
@@ -153,3 +154,16 @@ async def test_a_split_link_is_joined_again_and_a_false_one_split(pair: _Pair) -
     assert (pair.dst / "c").stat().st_nlink == 1
     assert (pair.dst / "d").stat().st_nlink == 1
     assert _link_groups(_local(pair.src), _listing(pair.dst))[1] == set()
+
+
+async def test_a_linked_file_changed_after_a_restart_stays_linked(pair: _Pair) -> None:
+    (pair.src / "a").write_text("one")
+    os.link(pair.src / "a", pair.src / "b")
+    await pair.capture.drain()
+    for name, text in (("a", "two"), ("b", "three")):
+        pair.capture.reader.forget_links()  # what an agent restart (or a failover) knows
+        (pair.src / name).write_text(text)
+        await pair.capture.drain()
+        assert pair.log[-1].op is Op.FILE and pair.log[-1].linked
+        assert (pair.dst / "a").read_text() == text
+        assert os.path.samestat((pair.dst / "a").stat(), (pair.dst / "b").stat())

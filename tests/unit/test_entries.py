@@ -30,6 +30,7 @@ GOOD: dict[str, Any] = {"o": "file", "r": "/srv", "p": "a/b", "d": b"x", "s": 1}
         ({"m": 0o17777}, "mode out of range"),
         ({"t_ns": 2**70}, "mtime out of range"),
         ({"f": "yes"}, "boolean"),
+        ({"k": 1}, "boolean"),
     ],
 )
 def test_malformed_entries_are_refused(change: dict[str, Any], text: str) -> None:
@@ -56,3 +57,12 @@ def test_rename_target_must_be_safe() -> None:
 def test_round_trip() -> None:
     entry = Entry(Op.FILE, "/srv", "a/\udcffb", data=b"x", size=1, mode=0o644, uid=1, gid=2)
     assert Entry.from_wire(entry.to_wire()) == entry
+
+
+def test_linked_flag_travels_only_when_set() -> None:
+    linked = Entry(Op.FILE, "/srv", "a", data=b"x", size=1, linked=True)
+    assert linked.to_wire()["k"] is True
+    assert Entry.from_wire(linked.to_wire()) == linked
+    plain = Entry(Op.FILE, "/srv", "a", data=b"x", size=1)
+    assert "k" not in plain.to_wire()  # what an older peer sends: not linked
+    assert Entry.from_wire(plain.to_wire()).linked is False

@@ -31,9 +31,9 @@ state: ``RENAME`` (replaying ``[delete B, rename A->B]`` would delete the rename
 therefore committed on its own: ``commit`` runs immediately before it (if anything is pending)
 and immediately after it. A ``RENAME`` is committed before only when what came since the last
 commit could collide with it in a replay, and whatever collides with a name it moved away
-waits for a commit too (:class:`_Window`); a replayed ``RENAME`` whose source is gone is a
-no-op. So a stream of atomic saves (write a temporary name, rename it over the real one)
-shares group commits instead of costing two durability passes per save.
+waits for a commit too (:mod:`~stead.replication.commit_order`); a replayed ``RENAME``
+whose source is gone is a no-op. So a stream of atomic saves (write a temporary name, rename
+it over the real one) shares group commits instead of costing two durability passes per save.
 
 Two more duties make the rest idempotent:
 
@@ -59,20 +59,27 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from stead.errors import ApplyError, OutOfSync, UnsafePath
-from stead.fsutil import WRITEBACK_FROM, DirectWriter, load_syncfs, pwrite_all, start_writeback
+from stead.fsutil import (
+    WRITEBACK_FROM,
+    DirectWriter,
+    copy_range,
+    load_syncfs,
+    pwrite_all,
+    start_writeback,
+)
 from stead.replication import quarantine
+from stead.replication.commit_order import Record, segments
 from stead.replication.entries import Entry, Op
 from stead.replication.pathsafe import RootDir, lstat_at, open_child_dir, split_relative
 
 log = logging.getLogger(__name__)
 
-Record = tuple[int, Entry]
 CommitFn = Callable[[int], None]
 RefusedFn = Callable[[int, Entry, Exception], None]
 
@@ -164,7 +171,7 @@ class Applier:
 
         ``commit(seq)`` must make ``seq`` the durable applied mark before it returns; it is
         called at the end, immediately before and after each ``LINK``, and between entries
-        that a replay could make undo each other (see :class:`_Window`).
+        that a replay could make undo each other (see :mod:`~stead.replication.commit_order`).
         Without ``commit``, the caller must store the returned seq before the next call (the
         applier then cleans up what that seq covers) and gives up replay safety for renames.
         ``on_refused(seq, entry, exc)`` receives every refused entry (:class:`UnsafePath`)
@@ -185,7 +192,7 @@ class Applier:
             return -1
         pending: int | None = None
         try:
-            for segment, before, after in _segments(records):
+            for segment, before, after in segments(records):
                 if before and pending is not None and commit is not None:
                     self._commit(pending, commit)
                     pending = None
@@ -433,6 +440,8 @@ class Applier:
         current = lstat_at(parent_fd, final)
         if current is not None and os.path.samestat(current, staged):
             pass  # a replay: this very file is already in place
+        elif self._into_linked(entry, root, name, parent_fd, final, current):
+            pass  # the staging file stays until the commit: a replay copies it again
         else:
             self._clear_dir(root, parent_fd, final, entry.path, current)
             tmp = _tmp_name()
@@ -449,6 +458,12 @@ class Applier:
         """
         name = _staging_name(entry)
         parent_fd, final = root.dir.open_parent(entry.path, create_missing=True)
+        if entry.linked and self._into_linked(
+            entry, root, name, parent_fd, final, lstat_at(parent_fd, final)
+        ):
+            _unlink_quiet(name, root.staging_fd)
+            self.stats.files_written += 1
+            return
         try:
             try:
                 # Over nothing or over a non-directory (replaced atomically): done at once.
@@ -462,6 +477,44 @@ class Applier:
         except FileNotFoundError:
             raise OutOfSync(f"entry {seq}: no staging file for {entry.path!r}") from None
         self.stats.files_written += 1
+
+    def _into_linked(
+        self,
+        entry: Entry,
+        root: _Root,
+        name: str,
+        parent_fd: int,
+        final: str,
+        current: os.stat_result | None,
+    ) -> bool:
+        """Copy a staged file into the inode at ``final`` when both sides hold it under
+        further names (``entry.linked``): renaming over one name would split the inode.
+
+        In place, like a ``DELTA``: a reader may see the change half made. Returns False
+        (nothing done) when the passive's file is not a regular file with further names.
+        """
+        if (
+            not entry.linked
+            or current is None
+            or not stat.S_ISREG(current.st_mode)
+            or current.st_nlink < 2
+        ):
+            return False
+        src = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=root.staging_fd)
+        try:
+            flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            dst = os.open(final, flags, dir_fd=parent_fd)
+            try:
+                copy_range(src, dst, entry.size)
+                os.ftruncate(dst, entry.size)
+                _set_meta_fd(dst, entry, None)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+        self._dirty.add(root.key)
+        self.stats.bytes_written += entry.size
+        return True
 
     def _delta(self, seq: int, entry: Entry, root: _Root) -> None:
         parent_fd, name = root.dir.open_parent(entry.path)
@@ -629,106 +682,6 @@ class Applier:
         root = _Root(key, rootdir, staging_fd, intent_fd, os.fstat(rootdir.fd).st_dev)
         self._roots[key] = root
         return root
-
-
-def _segments(records: Sequence[Record]) -> Iterator[tuple[list[Record], bool, bool]]:
-    """Split a batch into segments: (records, commit before, commit after).
-
-    A replay re-applies everything since the last commit, so a commit must separate
-    entries that would undo each other when replayed together (see :class:`_Window`):
-    a ``RENAME`` whose target, or anything below its source, was touched since the last
-    commit, and anything that touches a name a ``RENAME`` since then moved away. A ``LINK``
-    is committed alone. A staging file whose ``last`` part is in a segment cannot take a new
-    ``first`` part in the same segment, because phase 1 would overwrite it before phase 2
-    renames it into place.
-    """
-    current: list[Record] = []
-    finished: set[tuple[str, str]] = set()
-    window = _Window()
-    before = False
-    for seq, entry in records:
-        key = (entry.root, entry.path)
-        if entry.op is Op.LINK:
-            if current:
-                yield current, before, False
-            current, finished, window, before = [], set(), _Window(), False
-            yield [(seq, entry)], True, True
-            continue
-        if window.conflicts(entry):
-            if current:
-                yield current, before, False
-            current, finished, window, before = [], set(), _Window(), True
-        if entry.op is Op.FILE:
-            if key in finished:
-                yield current, before, False
-                current, finished, before = [], set(), False
-            if entry.last:
-                finished.add(key)
-        current.append((seq, entry))
-        window.note(entry)
-    if current:
-        yield current, before, False
-
-
-class _Window:
-    """What the entries since the last commit touched, and the names they renamed away.
-
-    Replaying ``[delete B, rename A->B]`` would delete the renamed data, replaying
-    ``[file A/x, rename A->B]`` would recreate ``A`` and move it over ``B``, and replaying
-    ``[rename A->B, file A]`` would move the new ``A`` over ``B``. So a ``RENAME A->B``
-    conflicts with the window when ``B`` (or anything above or below it), or anything
-    strictly below ``A``, was touched, or when ``A`` or ``B`` meets a name renamed away;
-    any other entry conflicts when its path meets a name renamed away. Everything else
-    replays harmlessly: a rename whose source is gone is a no-op, and the other kinds
-    converge. Lookups go by path and by each parent, never through the whole window.
-    """
-
-    def __init__(self) -> None:
-        self._touched: set[tuple[str, str]] = set()
-        self._above_touched: set[tuple[str, str]] = set()  # strict parents of touched paths
-        self._gone: set[tuple[str, str]] = set()
-        self._above_gone: set[tuple[str, str]] = set()
-
-    def conflicts(self, entry: Entry) -> bool:
-        key = (entry.root, entry.path)
-        if self._meets_gone(key):
-            return True
-        if entry.op is not Op.RENAME:
-            return False
-        target = (entry.root, entry.target)
-        return (
-            self._meets_gone(target)
-            or _meets(target, self._touched, self._above_touched)
-            or key in self._above_touched
-        )
-
-    def note(self, entry: Entry) -> None:
-        key = (entry.root, entry.path)
-        self._add(key, self._touched, self._above_touched)
-        if entry.op is Op.RENAME:
-            self._add((entry.root, entry.target), self._touched, self._above_touched)
-            self._add(key, self._gone, self._above_gone)
-
-    def _meets_gone(self, key: tuple[str, str]) -> bool:
-        return _meets(key, self._gone, self._above_gone)
-
-    @staticmethod
-    def _add(
-        key: tuple[str, str], exact: set[tuple[str, str]], above: set[tuple[str, str]]
-    ) -> None:
-        exact.add(key)
-        above.update(_parents(key))
-
-
-def _meets(key: tuple[str, str], exact: set[tuple[str, str]], above: set[tuple[str, str]]) -> bool:
-    """``key`` is in ``exact``, above something in it, or below something in it."""
-    return key in exact or key in above or any(parent in exact for parent in _parents(key))
-
-
-def _parents(key: tuple[str, str]) -> list[tuple[str, str]]:
-    root, path = key
-    parts = path.split("/")
-    return [(root, "/".join(parts[:depth])) for depth in range(1, len(parts))]
 
 
 def _staging_name(entry: Entry) -> str:

@@ -52,6 +52,10 @@ class Entry:
     uid: int | None = None
     gid: int | None = None
     mtime_ns: int | None = None
+    # FILE: the active's inode has further names. Where the passive's file has further
+    # names too, the content goes into that inode in place instead of replacing the name
+    # (the passive's link stays whole when the active no longer knew the inode's first name).
+    linked: bool = False
 
     def payload_bytes(self) -> int:
         """Bytes of file data carried: what the lag and queue figures count."""
@@ -65,6 +69,8 @@ class Entry:
             wire["t"] = self.target
         if self.op is Op.FILE:
             wire.update(d=self.data, off=self.offset, f=self.first, l=self.last, s=self.size)
+            if self.linked:
+                wire["k"] = True
         elif self.op is Op.DELTA:
             wire.update(b=[[off, blk] for off, blk in self.blocks], s=self.size)
         for key, value in (("m", self.mode), ("u", self.uid), ("g", self.gid)):
@@ -102,6 +108,7 @@ class Entry:
                 first=_bool(wire, "f"),
                 last=_bool(wire, "l"),
                 size=_uint(wire, "s"),
+                linked=_bool(wire, "k", default=False),
             )
         elif op is Op.DELTA:
             raw = wire.get("b", [])
@@ -172,8 +179,8 @@ def _uint(wire: dict[str, Any], key: str) -> int:
     return value
 
 
-def _bool(wire: dict[str, Any], key: str) -> bool:
-    value = wire.get(key, True)
+def _bool(wire: dict[str, Any], key: str, *, default: bool = True) -> bool:
+    value = wire.get(key, default)
     if not isinstance(value, bool):
         raise ProtocolError(f"field {key!r} is not a boolean")
     return value

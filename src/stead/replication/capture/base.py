@@ -342,7 +342,9 @@ class FileReader:
             self._check(fd, st, final)
             if manifest is not None:
                 manifest.forget(root, relpath)
-            yield Entry(Op.FILE, root, relpath, data=content, size=size, **meta)
+            yield Entry(
+                Op.FILE, root, relpath, data=content, size=size, linked=st.st_nlink > 1, **meta
+            )
             return
         hashes = bytearray()
         first = True
@@ -370,7 +372,7 @@ class FileReader:
             manifest.record(root, relpath, st, bytes(hashes))
         yield Entry(
             Op.FILE, root, relpath, data=bytes(run), offset=end_offset,
-            first=first, last=True, size=size, **meta,
+            first=first, last=True, size=size, linked=st.st_nlink > 1, **meta,
         )  # fmt: skip
 
     def _delta(
