@@ -1,0 +1,49 @@
+"""The agent's allocator tuning: large buffers are reused, not mapped and zeroed again."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+CHURN = """
+import resource, sys
+from stead.memtune import tune_malloc
+applied = tune_malloc() if sys.argv[1] == "tuned" else []
+def churn():
+    for _ in range(40):
+        buffers = [b"x" * (1 << 20) for _ in range(12)]  # a batch of records in flight
+        del buffers
+churn()  # the first round sets glibc's own dynamic thresholds
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+churn()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, ",".join(applied))
+"""
+
+
+def _faults(mode: str, **env: str) -> tuple[int, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    done = subprocess.run(
+        [sys.executable, "-c", CHURN, mode],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    faults, _, applied = done.stdout.strip().partition(" ")
+    return int(faults), applied
+
+
+def test_tuned_allocator_reuses_large_buffers() -> None:
+    plain, _ = _faults("plain")
+    tuned, applied = _faults("tuned")
+    assert applied == "malloc_mmap_threshold,malloc_trim_threshold"
+    # 40 rounds x 12 MiB: untuned, the heap is trimmed and faulted in again every round.
+    assert plain > 40 * 12 * 256 // 2, plain
+    assert tuned < plain // 10, (tuned, plain)
+
+
+def test_an_administrators_setting_is_left_alone() -> None:
+    _, applied = _faults("tuned", MALLOC_TRIM_THRESHOLD_="1048576")
+    assert applied == "malloc_mmap_threshold"
