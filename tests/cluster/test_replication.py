@@ -152,7 +152,12 @@ RESTART_SLACK = 60.0
 def test_changes_made_while_the_active_agent_was_down_are_found(lab: Any) -> None:
     built: Lab = lab(2, failover_timeout=RESTART_SLACK)
     wait_connected(built)
-    sh(built, "primary", "mkdir /srv/lab/d && echo one > /srv/lab/d/a && echo two > /srv/lab/b")
+    sh(
+        built,
+        "primary",
+        "mkdir /srv/lab/d && echo one > /srv/lab/d/a && echo two > /srv/lab/b"
+        " && echo linked > /srv/lab/l1 && ln /srv/lab/l1 /srv/lab/l2",
+    )
     wait_sync(built)
     built.stop("primary")
     sh(built, "primary", "echo changed > /srv/lab/d/a && rm /srv/lab/b && echo new > /srv/lab/c")
@@ -162,6 +167,13 @@ def test_changes_made_while_the_active_agent_was_down_are_found(lab: Any) -> Non
     wait_until(lambda: peers(built)["secondary"]["state"] == "in sync", 60, "the restart check")
     wait_sync(built)
     assert_converged(built)
+    # The restarted agent no longer knows which names of l1 it sent: the change travels as
+    # a copy flagged linked, which the passive writes into its linked inode.
+    sh(built, "primary", "echo more >> /srv/lab/l2")
+    wait_sync(built)
+    secondary = built.node_fs_path("secondary")
+    assert (secondary / "l1").read_text() == "linked\nmore\n"
+    assert os.path.samestat((secondary / "l1").stat(), (secondary / "l2").stat())
 
 
 @pytest.mark.parametrize(
