@@ -36,7 +36,8 @@ def system_tree(lab: Lab, node: str) -> dict[str, Any]:
 
 
 def without_preserved(tree: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in tree.items() if k != "/etc/lab/node.conf"}
+    own = ("/etc/lab/node.conf", "/etc/lab/node.d")
+    return {k: v for k, v in tree.items() if k not in own and not k.startswith(own[1] + "/")}
 
 
 def reclone(lab: Lab, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -68,6 +69,8 @@ def test_reclone_one_then_all_keeps_each_nodes_own_and_rolls_back(lab: Any) -> N
     wait_connected(built)
     wait_active(built, "primary")
     sh(built, "tertiary", "echo 'local tweak' > /opt/lab/app/tertiary-only")
+    # Preserved, in a directory the active lacks: it stays, and so does what holds it.
+    sh(built, "tertiary", "mkdir /etc/lab/node.d && echo mine > /etc/lab/node.d/mgmt.conf")
     sh(built, "primary", PATCH_ACTIVE)
     wait_sync(built)
     original_tertiary = system_tree(built, "tertiary")
@@ -87,6 +90,8 @@ def test_reclone_one_then_all_keeps_each_nodes_own_and_rolls_back(lab: Any) -> N
     recloned = system_tree(built, "tertiary")
     assert without_preserved(recloned) == active
     assert recloned["/etc/lab/node.conf"] == original_tertiary["/etc/lab/node.conf"]
+    mgmt = "/etc/lab/node.d/mgmt.conf"
+    assert recloned[mgmt] == original_tertiary[mgmt]
     assert "/opt/lab/app/tertiary-only" not in recloned
     # The secondary was not touched; the protected set is still replicated everywhere.
     assert system_tree(built, "secondary")["/opt/lab/app/VERSION"] != active["/opt/lab/app/VERSION"]

@@ -120,6 +120,28 @@ def test_a_plan_made_part_by_part_equals_the_plan_of_the_whole(tmp_path: Path, o
         assert not fetches  # nothing waited: every part was planned as it came
 
 
+def test_a_directory_only_this_node_has_is_kept_when_it_holds_a_preserved_path(
+    tmp_path: Path,
+) -> None:
+    """The walk sets preserved paths apart (no item): what holds one, even a directory
+    the active lacks, is neither deleted nor replaced (it used to be deleted whole)."""
+    tree, source, _ = _here(tmp_path)
+    own = Path(tree) / "own"
+    (own / "net").mkdir(parents=True)
+    (own / "net" / "mgmt.conf").write_text("this node's own")
+    (own / "other").write_text("not preserved")
+    preserved = PathSet([f"{tree}/own/net/mgmt.conf"])
+    held: list[str] = []
+    scope = Scope(trees=(tree,), preserve=(f"{tree}/own/net/mgmt.conf",))
+    here = collect(scope, serving=False, held=held)
+    assert held == [f"{tree}/own/net/mgmt.conf"] and held[0] not in here
+    work = make_plan("r", [tree], source, here, preserved, held=held)
+    deleted = {op.path for op in work.plan.ops if op.kind == "delete"}
+    assert f"{tree}/own/other" in deleted  # the rest of it goes, as the active lacks it
+    assert not deleted & {f"{tree}/own", f"{tree}/own/net", f"{tree}/own/net/mgmt.conf"}
+    assert not any(op.path.startswith(f"{tree}/own/net") for op in work.plan.ops)
+
+
 def test_a_path_sent_twice_or_after_the_end_is_refused(tmp_path: Path) -> None:
     tree, source, here = _here(tmp_path)
     planner = Planner("r", [tree], here, PathSet([]))

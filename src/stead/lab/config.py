@@ -199,7 +199,8 @@ def _table(doc: tomlkit.TOMLDocument, name: str) -> Any:
 
 # Each node's own system trees (stead.lab.holder mounts them from the node's system image).
 SYSTEM_TREES = ["/opt/lab", "/etc/lab"]
-SYSTEM_PRESERVE = ["/etc/lab/node.conf"]
+# A node's own file, and its own drop-ins in a directory the other nodes need not have.
+SYSTEM_PRESERVE = ["/etc/lab/node.conf", "/etc/lab/node.d/*"]
 LAB_DOMAIN = "lab.test"  # a reserved test domain: lab names never leak to real DNS
 
 

@@ -91,6 +91,7 @@ def collect(
     hash_wanted: HashWanted | None = None,
     only: list[str] | None = None,
     emit: Callable[[dict[str, Item]], None] | None = None,
+    held: list[str] | None = None,
 ) -> dict[str, Item]:
     """Items of every path of the trees (blocking). Serving (the active), a path it cannot
     read is left out, so that it is neither copied nor deleted on the passive. With a
@@ -98,13 +99,16 @@ def collect(
     only the files it names are read (the others have an empty digest unless cached).
     With ``only``, just those paths, each file hashed (no walk). With ``emit``, the items
     go to it in parts as the walk goes (a directory before what it holds) and none are
-    returned."""
+    returned. ``held`` receives the preserved paths the walk met and set apart (they have
+    no item: the passive keeps them, and what holds them)."""
     hashes = HashCache(cache) if cache is not None else None
     if only is not None:
         manifest = manifest_of_paths(scope, only, cache=hashes)
         return _items(manifest, manifest.entries, serving)
     if emit is None:
         manifest = build_manifest(scope, cache=hashes, hash_wanted=hash_wanted)
+        if held is not None:
+            held.extend(manifest.preserved)
         return _items(manifest, manifest.entries, serving)
 
     def part(manifest: SystemManifest, paths: list[str]) -> None:
@@ -273,8 +277,9 @@ class Rebuilder:
         trees = list(scope.trees)
         started = time.monotonic()
         # Our own walk runs while the active walks its trees: neither waits for the other.
+        held: list[str] = []  # our preserved paths: they, and what holds them, stay
         walk = asyncio.ensure_future(
-            asyncio.to_thread(collect, scope, serving=False, cache=self.cache_path)
+            asyncio.to_thread(collect, scope, serving=False, cache=self.cache_path, held=held)
         )
         planner: Planner | None = None
         begun = False
@@ -297,6 +302,7 @@ class Rebuilder:
                         here,
                         PathSet(list(scope.preserve)),
                         delete_original=delete_original,
+                        held=held,
                     )
                     log.info(
                         "reclone %s: the active's first part after %.2f s (%d files hinted)",

@@ -11,7 +11,7 @@ comes from a peer: it is external input).
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Container, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -128,9 +128,10 @@ def make_plan(
     preserved: Container[str],
     *,
     delete_original: bool = False,
+    held: Iterable[str] = (),
 ) -> Work:
     """What makes ``here`` equal to ``source`` in ``trees``, leaving preserved paths alone."""
-    planner = Planner(run, trees, here, preserved, delete_original=delete_original)
+    planner = Planner(run, trees, here, preserved, delete_original=delete_original, held=held)
     planner.add(source)
     planner.finish()
     return planner.work
@@ -154,6 +155,7 @@ class Planner:
         preserved: Container[str],
         *,
         delete_original: bool = False,
+        held: Iterable[str] = (),
     ) -> None:
         self.trees = list(trees)
         self.roots = frozenset(self.trees)
@@ -163,8 +165,10 @@ class Planner:
         self.counters = dict.fromkeys(self.trees, 0)
         # Per tree, once: names are made for every path of the scope.
         self.dirs = {t: (str(stage_dir(t, run)), str(generation_dir(t, run))) for t in trees}
-        # Ancestors of preserved paths here: never replaced, never deleted.
-        self.kept = {a for p in self.here if p in preserved for a in _ancestors(p)}
+        # Ancestors of preserved paths here: never replaced, never deleted. A walk sets
+        # preserved paths apart (``held``: they have no item in ``here``).
+        found = [p for p in self.here if p in preserved]
+        self.kept = {a for p in [*found, *held] for a in _ancestors(p)}
         self.moved: set[str] = set()  # paths whose whole subtree the swap moves away
         self.ops: list[Op] = []
         # Directories new here are built whole in the staging area, under their real names,
