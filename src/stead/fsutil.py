@@ -46,6 +46,55 @@ _SYNC_FILE_RANGE = _load_sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2
 
 
+AT_EMPTY_PATH = 0x1000  # linkat(2): the source is the open file itself
+
+
+def _load_linkat() -> Callable[[int, bytes, int, bytes, int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        function = libc.linkat
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+_LINKAT = _load_linkat()
+_linkat_empty_path = _LINKAT is not None  # until the kernel refuses it (no capability)
+
+
+def open_unnamed(dir_fd: int, mode: int = 0o600) -> int:
+    """A new regular file without a name on ``dir_fd``'s file system (``O_TMPFILE``), open
+    for writing; :func:`name_unnamed` gives it one. Raises OSError where the file system
+    or kernel has no ``O_TMPFILE`` (``EOPNOTSUPP``, ``EISDIR`` or ``EINVAL``)."""
+    flags = os.O_WRONLY | os.O_CLOEXEC | getattr(os, "O_TMPFILE", 0)
+    if flags == os.O_WRONLY | os.O_CLOEXEC:
+        raise OSError(errno.EOPNOTSUPP, "O_TMPFILE is not available")
+    return os.open(".", flags, mode, dir_fd=dir_fd)
+
+
+def name_unnamed(fd: int, dir_fd: int, name: str) -> None:
+    """Link the open file ``fd`` (from :func:`open_unnamed`) as ``name`` in ``dir_fd``, one
+    directory operation; ``FileExistsError`` if ``name`` exists (nothing is replaced).
+
+    ``linkat(fd, "", ..., AT_EMPTY_PATH)`` needs ``CAP_DAC_READ_SEARCH``; without it the
+    file's ``/proc/self/fd`` link is followed instead (the same call, needs ``/proc``)."""
+    global _linkat_empty_path
+    encoded = os.fsencode(name)
+    if _linkat_empty_path and _LINKAT is not None:
+        if _LINKAT(fd, b"", dir_fd, encoded, AT_EMPTY_PATH) == 0:
+            return
+        code = ctypes.get_errno()
+        if code == errno.EEXIST:
+            raise FileExistsError(code, os.strerror(code), name)
+        if code not in (errno.EPERM, errno.ENOENT, errno.EINVAL):
+            raise OSError(code, os.strerror(code), name)
+        if code != errno.ENOENT:
+            _linkat_empty_path = False  # not allowed here: /proc from now on
+    os.link(f"/proc/self/fd/{fd}", encoded, dst_dir_fd=dir_fd, follow_symlinks=True)
+
+
 WRITEBACK_FROM = 1024**2  # smaller writes are left to the caller's syncfs, in one sweep
 
 

@@ -1,4 +1,6 @@
-"""Keep large buffers in the agent's heap instead of mapping and zeroing them each time.
+"""Process tuning at agent start: the allocator's thresholds and the open-file limit.
+
+Keep large buffers in the agent's heap instead of mapping and zeroing them each time.
 
 Replication moves file data in buffers of 64 KiB to a few MiB (reads, records, frames,
 staging writes). glibc serves such a buffer with a fresh ``mmap`` (or trims the heap once
@@ -9,6 +11,11 @@ the agent keeps after a burst: at most ``TRIM_THRESHOLD`` free at the top of eac
 
 An administrator's own ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` (glibc's
 environment tunables) wins: that setting is left alone. Other C libraries: nothing is done.
+
+:func:`raise_open_files` lifts the soft ``RLIMIT_NOFILE`` to the hard limit (at most
+``OPEN_FILES``), as systemd advises daemons that do not use ``select()`` (its default soft
+limit is 1,024): the applier holds up to half the soft limit of small files open between
+writing and naming them (see :mod:`stead.replication.applier`).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import resource
 
 log = logging.getLogger(__name__)
 
@@ -48,3 +56,20 @@ def tune_malloc() -> list[str]:
         if mallopt(param, value) == 1:
             applied.append(env.strip("_").lower())
     return applied
+
+
+OPEN_FILES = 65536
+
+
+def raise_open_files() -> int:
+    """Raise the soft open-file limit towards the hard one; return the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError) as exc:
+            log.info("open-file limit left at %d: %s", soft, exc)
+            return soft
+        return want
+    return soft

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import subprocess
@@ -507,3 +508,137 @@ def test_two_whole_versions_of_one_file_in_one_batch(node: Node) -> None:
     st = (node.path / "a").stat()
     assert (st.st_mode & 0o777, st.st_mtime_ns) == (0o640, 2 * 10**18)
     assert not node.refused
+
+
+# -- whole files staged without a name (O_TMPFILE) ----------------------------------------
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+class Renames:
+    """Counts ``os.rename`` calls: a new whole file needs none (it is linked straight in)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        real = os.rename
+
+        def counting(*args: Any, **kw: Any) -> None:
+            self.count += 1
+            real(*args, **kw)
+
+        monkeypatch.setattr(os, "rename", counting)
+
+
+def test_new_whole_files_are_linked_in_without_a_staging_name(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    renames = Renames(monkeypatch)
+    entries = [file(f"d{i % 3}/f{i}", b"%d" % i, uid=1234, gid=4321) for i in range(50)]
+    node.run(*entries)
+    assert renames.count == 0
+    assert staging(node) == []
+    for i in range(50):
+        path = node.path / f"d{i % 3}/f{i}"
+        st = os.lstat(path)
+        assert path.read_bytes() == b"%d" % i
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 1234, 4321)
+        assert (st.st_mtime_ns, st.st_nlink) == (MTIME, 1)
+    assert node.applier.stats.files_written == 50
+
+
+def test_whole_file_over_something_is_still_replaced_atomically(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node.run(file("a", b"old"), op(Op.MKDIR, "b"), file("b/x", b"in a directory"))
+    renames = Renames(monkeypatch)
+    node.run(file("a", b"new"), file("b", b"a file now"))
+    assert renames.count >= 2  # each linked to its staging name, renamed over the old
+    assert (node.path / "a").read_bytes() == b"new"
+    assert (node.path / "b").read_bytes() == b"a file now"
+    assert staging(node) == []
+
+
+def test_without_o_tmpfile_whole_files_are_staged_by_name(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stead.replication import applier as applier_module
+
+    def refused(dir_fd: int, mode: int = 0o600) -> int:
+        raise OSError(errno.EOPNOTSUPP, "no O_TMPFILE here")
+
+    monkeypatch.setattr(applier_module, "open_unnamed", refused)
+    renames = Renames(monkeypatch)
+    node.run(*[file(f"f{i}", b"x" * i) for i in range(5)])
+    assert renames.count == 5
+    assert [(node.path / f"f{i}").read_bytes() for i in range(5)] == [b"x" * i for i in range(5)]
+    assert staging(node) == []
+
+
+def test_only_so_many_unnamed_files_are_held_open(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node.applier._unnamed_cap = 3
+    renames = Renames(monkeypatch)
+    node.run(*[file(f"f{i}", b"%d" % i) for i in range(10)])
+    assert renames.count == 7
+    assert [(node.path / f"f{i}").read_bytes() for i in range(10)] == [b"%d" % i for i in range(10)]
+
+
+def test_whole_file_removes_an_unfinished_staging_file_of_its_path(node: Node) -> None:
+    node.run(file("big", b"first part", size=20, last=False))
+    assert len(staging(node)) == 1
+    node.run(file("big", b"whole now"))
+    assert (node.path / "big").read_bytes() == b"whole now"
+    assert staging(node) == []
+    node.restart()  # after a start, whatever staging held counts as unfinished too
+    node.run(file("big", b"part", size=8, last=False))
+    node.restart()
+    node.run(file("big", b"whole again"))
+    assert staging(node) == []
+
+
+def test_replay_of_linked_in_files_converges(node: Node) -> None:
+    records = node.records((file("a", b"one"), file("d/b", b"two"), op(Op.DELETE, "a")))
+    node.applier.apply(records)  # applied, never committed: a crash now replays it
+    node.restart()
+    node.apply(records)
+    assert not (node.path / "a").exists()
+    assert (node.path / "d/b").read_bytes() == b"two"
+    assert staging(node) == []
+
+
+def test_no_descriptor_is_left_open(node: Node, tmp_path: Path) -> None:
+    node.run(file("warm", b"up"))  # the root's own descriptors are open from here on
+    before = open_fds()
+    node.raise_out_of_sync = False
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (node.path / "link").symlink_to(outside)
+    node.run(
+        file("a", b"placed"),
+        file("link/escape", b"refused: a symlink on the way"),
+        Entry(Op.DELTA, ROOT, "gone", blocks=((0, b"x"),), size=1),
+        file("b", b"placed too"),
+    )
+    assert [type(exc) for _, _, exc in node.refused] == [UnsafePath, OutOfSync]
+    assert not (outside / "escape").exists()
+    assert open_fds() == before
+
+
+@pytest.mark.root
+def test_disk_full_leaves_no_unnamed_file_open(tiny_fs: Path) -> None:
+    node = Node(tiny_fs / "root")
+    try:
+        node.run(file("keep", b"old"))
+        before = open_fds()
+        many = [file(f"f{i}", b"z" * 65536) for i in range(40)]  # 2.5 MiB into 1 MiB
+        with pytest.raises(ApplyError):
+            node.run(*many)
+        assert open_fds() == before
+        assert sorted(os.listdir(node.path)) == [".stead", "keep"]
+        free = os.statvfs(tiny_fs)
+        assert free.f_bfree * free.f_bsize > 900 * 1024  # the unnamed files were freed
+    finally:
+        node.applier.close()

@@ -94,3 +94,37 @@ def test_disabled_direct_writer_uses_the_page_cache(tmp_path: Path) -> None:
     finally:
         writer.close()
         os.close(fd)
+
+
+@pytest.mark.parametrize("empty_path", [True, False], ids=["AT_EMPTY_PATH", "proc"])
+def test_an_unnamed_file_gets_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_path: bool
+) -> None:
+    if not empty_path:
+        monkeypatch.setattr(fsutil, "_linkat_empty_path", False)
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = fsutil.open_unnamed(dir_fd)
+        try:
+            os.write(fd, b"content")
+            assert os.listdir(tmp_path) == []
+            fsutil.name_unnamed(fd, dir_fd, "named")
+            (tmp_path / "other").write_bytes(b"old")
+            with pytest.raises(FileExistsError):
+                fsutil.name_unnamed(fd, dir_fd, "other")  # never replaces
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dir_fd)
+    assert (tmp_path / "named").read_bytes() == b"content"
+    assert (tmp_path / "other").read_bytes() == b"old"
+    assert os.stat(tmp_path / "named").st_nlink == 1
+
+
+def test_an_unnamed_file_disappears_unless_named(tmp_path: Path) -> None:
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.close(fsutil.open_unnamed(dir_fd))
+    finally:
+        os.close(dir_fd)
+    assert os.listdir(tmp_path) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 
@@ -47,3 +48,35 @@ def test_tuned_allocator_reuses_large_buffers() -> None:
 def test_an_administrators_setting_is_left_alone() -> None:
     _, applied = _faults("tuned", MALLOC_TRIM_THRESHOLD_="1048576")
     assert applied == "malloc_mmap_threshold"
+
+
+OPEN_FILES = """
+import resource, sys
+from stead.memtune import raise_open_files
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2])))
+now = raise_open_files()
+print(now, *resource.getrlimit(resource.RLIMIT_NOFILE))
+"""
+
+
+def _open_files(soft: int, hard: int) -> list[int]:
+    done = subprocess.run(
+        [sys.executable, "-c", OPEN_FILES, str(soft), str(hard)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [int(x) for x in done.stdout.split()]
+
+
+def test_the_soft_open_file_limit_is_raised_to_the_hard_one() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lower = min(hard, 4096)  # a hard limit this test may set (raising one needs a capability)
+    assert _open_files(256, lower) == [lower, lower, lower]
+    want = min(hard, 65536)  # capped
+    assert _open_files(1024, hard) == [want, want, hard]
+
+
+def test_the_open_file_limit_is_never_lowered() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert _open_files(hard, hard) == [hard, hard, hard]

@@ -33,7 +33,8 @@ def agent(config: ConfigDirOption = None) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     from stead.agent.daemon import run_agent
-    from stead.memtune import tune_malloc
+    from stead.memtune import raise_open_files, tune_malloc
 
     tune_malloc()
+    raise_open_files()
     asyncio.run(run_agent(loaded))

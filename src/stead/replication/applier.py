@@ -14,6 +14,14 @@ renames it over the target: a reader sees the old file or the new one, never a m
 ``SaveFile``). ``SYMLINK`` and ``LINK`` are made under a temporary name in the staging
 directory and renamed into place the same way. ``DELTA`` writes in place, by design.
 
+A whole file in one entry (every small file) is staged without a name instead
+(``O_TMPFILE`` in the staging directory, held open from phase 1 to phase 2) and linked
+straight to its path when nothing stands there: one directory operation instead of three
+(a staging name created, looked up, moved). On the passive of 30,000 new 4 KiB files that
+cut the applier's CPU by a quarter: directory lookups and inserts were most of its kernel
+time. If something stands at the path, the file takes its staging name and replaces it as
+above. A crash loses the unnamed files; the replay writes them again from the entries.
+
 Timing: group commit. One ``fsync`` per small file caps a disk at about 2,000 files/s, so a
 batch is applied in segments of two phases: phase 1 writes the data of every ``FILE`` part of
 the segment into staging files; one durability pass (``syncfs`` on each touched file system)
@@ -56,6 +64,7 @@ import hashlib
 import itertools
 import logging
 import os
+import resource
 import shutil
 import stat
 import time
@@ -70,6 +79,8 @@ from stead.fsutil import (
     DirectWriter,
     copy_range,
     load_syncfs,
+    name_unnamed,
+    open_unnamed,
     pwrite_all,
     start_writeback,
 )
@@ -107,6 +118,7 @@ class _Root:
     staging_fd: int
     intent_fd: int
     dev: int
+    unnamed: bool = True  # O_TMPFILE works here (set False on the first refusal)
 
 
 class Applier:
@@ -130,6 +142,13 @@ class Applier:
         self._finalized: dict[tuple[str, str], int] = {}
         self._returned_seq: int | None = None  # apply() without commit: stored by the caller
         self._dirty: set[str] = set()
+        # Whole files staged without a name (O_TMPFILE), by seq -> open descriptor, from
+        # phase 1 to their link in phase 2 of the same segment; at most _unnamed_cap open.
+        self._unnamed: dict[int, int] = {}
+        self._unnamed_cap = _unnamed_cap()
+        # Staging names of multi-part files begun and not yet placed (and, after a start,
+        # whatever staging held): a whole file of the same path must remove that name.
+        self._partial: set[tuple[str, str]] = set()
         self._writer = DirectWriter()  # large file data bypasses the page cache
         self.stats = ApplierStats()
         # Set while this node, a former active, is repaired after a fork: every path about
@@ -154,6 +173,8 @@ class Applier:
             for name in os.listdir(root.staging_fd):
                 if name.startswith(TMP_PREFIX):
                     os.unlink(name, dir_fd=root.staging_fd)
+                else:
+                    self._partial.add((key, name))
             raw = os.pread(root.intent_fd, 64, 0).strip()
             if raw.isdigit():
                 bound = max(bound, int(raw))
@@ -227,6 +248,14 @@ class Applier:
     # -- segments --------------------------------------------------------------------------
 
     def _apply_segment(self, segment: list[Record], on_refused: RefusedFn | None) -> None:
+        try:
+            self._two_phases(segment, on_refused)
+        finally:
+            for fd in self._unnamed.values():  # refused or failed: never named
+                os.close(fd)
+            self._unnamed.clear()
+
+    def _two_phases(self, segment: list[Record], on_refused: RefusedFn | None) -> None:
         touched = self._phase1(segment)
         last = segment[-1][0]
         for key in touched:
@@ -256,40 +285,18 @@ class Applier:
             touched.add(root.key)
             if entry.op is not Op.FILE:
                 continue
-            name = _staging_name(entry)
             try:
-                if entry.first:
-                    self._finalized.pop((root.key, name), None)
-                    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-                    try:
-                        fd = os.open(name, flags, 0o600, dir_fd=root.staging_fd)
-                    except FileExistsError:  # a replay's, or a finished file's link: anew
-                        _unlink_quiet(name, root.staging_fd)
-                        fd = os.open(name, flags, 0o600, dir_fd=root.staging_fd)
-                    created.append((root.staging_fd, name))
-                else:
-                    try:
-                        fd = os.open(name, os.O_WRONLY | os.O_CLOEXEC, dir_fd=root.staging_fd)
-                    except FileNotFoundError:
+                fd = self._open_unnamed(seq, entry, root)
+                named = fd is None
+                if fd is None:
+                    fd = self._open_staging(entry, root, created)
+                    if fd is None:
                         continue  # phase 2 reports it in order
                 try:
-                    self._writer.pwrite(fd, entry.data, entry.offset)
-                    if entry.first and entry.last:
-                        # A whole file in one entry: finish it here, while it is open, so
-                        # that phase 2 only renames it into place. Created empty: written
-                        # whole, it has its size already (a trailing hole needs a truncate).
-                        if entry.offset + len(entry.data) != entry.size:
-                            os.ftruncate(fd, entry.size)
-                        _set_meta_fd(fd, entry, DEFAULT_FILE_MODE)
-                    if self._syncfs is None:
-                        os.fsync(fd)
-                    elif len(entry.data) >= WRITEBACK_FROM:
-                        # The disk starts on it now; the batch's syncfs finds less to do.
-                        # Small parts are left to that syncfs, in one sweep: starting each
-                        # alone cost about 100 us of a 4 KiB file's 200.
-                        start_writeback(fd, entry.offset, len(entry.data))
+                    self._fill(fd, entry)
                 finally:
-                    os.close(fd)
+                    if named:
+                        os.close(fd)
             except OSError as exc:
                 # Free what this segment took: a retry replays it from the last commit.
                 for dir_fd, staged in created:
@@ -298,6 +305,75 @@ class Applier:
             self.stats.bytes_written += len(entry.data)
         self._dirty |= touched
         return touched
+
+    def _open_unnamed(self, seq: int, entry: Entry, root: _Root) -> int | None:
+        """A whole file in one entry is staged without a name and linked straight into
+        place in phase 2: one directory operation instead of three (a staging name made,
+        looked up, moved). None where that does not apply: parts, linked files, too many
+        open, or a file system without ``O_TMPFILE``."""
+        if (
+            not (entry.first and entry.last)
+            or entry.linked
+            or not root.unnamed
+            or len(self._unnamed) >= self._unnamed_cap
+        ):
+            return None
+        if self._partial:
+            name = _staging_name(entry)
+            if (root.key, name) in self._partial:  # an unfinished earlier file: gone
+                self._partial.discard((root.key, name))
+                _unlink_quiet(name, root.staging_fd)
+        try:
+            fd = open_unnamed(root.staging_fd)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+            log.info("no O_TMPFILE in %s (%s): whole files are staged by name", root.key, exc)
+            root.unnamed = False
+            return None
+        self._unnamed[seq] = fd
+        return fd
+
+    def _open_staging(
+        self, entry: Entry, root: _Root, created: list[tuple[int, str]]
+    ) -> int | None:
+        """The staging file of ``entry``'s path, opened for its part (created on ``first``);
+        None if a later part finds none."""
+        name = _staging_name(entry)
+        if entry.first:
+            self._finalized.pop((root.key, name), None)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+            try:
+                fd = os.open(name, flags, 0o600, dir_fd=root.staging_fd)
+            except FileExistsError:  # a replay's, or a finished file's link: anew
+                _unlink_quiet(name, root.staging_fd)
+                fd = os.open(name, flags, 0o600, dir_fd=root.staging_fd)
+            created.append((root.staging_fd, name))
+            if not entry.last:
+                self._partial.add((root.key, name))
+            return fd
+        try:
+            return os.open(name, os.O_WRONLY | os.O_CLOEXEC, dir_fd=root.staging_fd)
+        except FileNotFoundError:
+            return None
+
+    def _fill(self, fd: int, entry: Entry) -> None:
+        """Write one part's data; a whole file gets its size and metadata too."""
+        self._writer.pwrite(fd, entry.data, entry.offset)
+        if entry.first and entry.last:
+            # A whole file in one entry: finish it here, while it is open, so that phase 2
+            # only puts it into place. Created empty: written whole, it has its size
+            # already (a trailing hole needs a truncate).
+            if entry.offset + len(entry.data) != entry.size:
+                os.ftruncate(fd, entry.size)
+            _set_meta_fd(fd, entry, DEFAULT_FILE_MODE)
+        if self._syncfs is None:
+            os.fsync(fd)
+        elif len(entry.data) >= WRITEBACK_FROM:
+            # The disk starts on it now; the batch's syncfs finds less to do. Small parts
+            # are left to that syncfs, in one sweep: starting each alone cost about 100 us
+            # of a 4 KiB file's 200.
+            start_writeback(fd, entry.offset, len(entry.data))
 
     def _commit(self, seq: int, commit: CommitFn) -> None:
         self._durable(set(self._dirty))
@@ -448,6 +524,7 @@ class Applier:
             os.link(name, tmp, src_dir_fd=root.staging_fd, dst_dir_fd=root.staging_fd)
             os.rename(tmp, final, src_dir_fd=root.staging_fd, dst_dir_fd=parent_fd)
         self._finalized[(root.key, name)] = seq
+        self._partial.discard((root.key, name))
         self.stats.files_written += 1
 
     def _whole_file(self, seq: int, entry: Entry, root: _Root) -> None:
@@ -456,8 +533,25 @@ class Applier:
         No staging link is kept for replay: replaying the entry writes the staging file
         again from the entry's own data (phase 1), so the rename is safe to repeat.
         """
+        unnamed = self._unnamed.pop(seq, None)
+        try:
+            parent_fd, final = root.dir.open_parent(entry.path, create_missing=True)
+            if unnamed is not None:
+                try:
+                    name_unnamed(unnamed, parent_fd, final)  # nothing there: done
+                    self.stats.files_written += 1
+                    return
+                except FileExistsError:
+                    pass
+                # Something stands there: the file takes its staging name and replaces it
+                # below as a staged file would (atomically, a directory cleared first).
+                name = _staging_name(entry)
+                _unlink_quiet(name, root.staging_fd)
+                name_unnamed(unnamed, root.staging_fd, name)
+        finally:
+            if unnamed is not None:
+                os.close(unnamed)
         name = _staging_name(entry)
-        parent_fd, final = root.dir.open_parent(entry.path, create_missing=True)
         if entry.linked and self._into_linked(
             entry, root, name, parent_fd, final, lstat_at(parent_fd, final)
         ):
@@ -682,6 +776,15 @@ class Applier:
         root = _Root(key, rootdir, staging_fd, intent_fd, os.fstat(rootdir.fd).st_dev)
         self._roots[key] = root
         return root
+
+
+def _unnamed_cap() -> int:
+    """How many unnamed staged files a segment may hold open: a share of the open-file
+    limit, so that sockets, journals and databases keep the rest."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 4096
+    return max(0, min(4096, soft // 2 - 64))
 
 
 def _staging_name(entry: Entry) -> str:
