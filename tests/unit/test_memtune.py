@@ -80,3 +80,15 @@ def test_the_soft_open_file_limit_is_raised_to_the_hard_one() -> None:
 def test_the_open_file_limit_is_never_lowered() -> None:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert _open_files(hard, hard) == [hard, hard, hard]
+
+
+def test_the_collector_runs_less_often_and_skips_what_lives_as_long_as_the_agent() -> None:
+    script = (
+        "import gc\nfrom stead.memtune import tune_gc, GC_YOUNG\n"
+        "before = gc.get_threshold()[0]\nnow = tune_gc()\n"
+        "print(before, now[0] == GC_YOUNG, gc.get_freeze_count() > 1000)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.split() == ["700", "True", "True"]

@@ -33,8 +33,9 @@ def agent(config: ConfigDirOption = None) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     from stead.agent.daemon import run_agent
-    from stead.memtune import raise_open_files, tune_malloc
+    from stead.memtune import raise_open_files, tune_gc, tune_malloc
 
     tune_malloc()
     raise_open_files()
+    tune_gc()  # last: what the imports above made is frozen
     asyncio.run(run_agent(loaded))
