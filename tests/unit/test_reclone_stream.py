@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import posixpath
 import threading
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from test_reclone_transfer import _Pipe
 
 from stead.channel import messages as m
 from stead.channel.transport import Connection
 from stead.config.system import PathSet
 from stead.errors import RecloneError, SteadError
+from stead.reclone import plan as plan_module
 from stead.reclone.builtin import collect
 from stead.reclone.plan import Fetch, Item, Planner, make_plan
 from stead.reclone.swap import AREA, Swapper, stage_dir
@@ -385,3 +389,29 @@ def test_a_reclone_asked_while_the_last_one_keeps_its_digests_waits_for_it(
 
     asyncio.run(run())
     assert order == ["one starts", "one ends", "two starts", "two ends"]
+
+
+# -- paths of a manifest ------------------------------------------------------------------
+
+_PIECES = ["", ".", "..", "a", "b.c", ".d", "..e", "f..", "g h"]
+
+
+@given(st.lists(st.sampled_from(_PIECES), max_size=6), st.booleans(), st.booleans())
+def test_a_manifest_path_is_normalised_exactly_as_normpath_says(
+    pieces: list[str], absolute: bool, trailing: bool
+) -> None:
+    """The planner's quick test agrees with ``posixpath.normpath`` (a leading ``//``, which
+    normpath keeps, is refused too)."""
+    path = ("/" if absolute else "") + "/".join(pieces) + ("/" if trailing else "")
+    expected = (
+        path.startswith("/") and not path.startswith("//") and posixpath.normpath(path) == path
+    )
+    assert plan_module._normalised(path) == expected
+
+
+def test_planning_refuses_paths_that_are_not_normalised(tmp_path: Path) -> None:
+    tree = str(tmp_path)
+    item = Item("file", 0o644, 0, 0, 1, 1, "ab")
+    for bad in [f"{tree}/a/../b", f"{tree}//a", f"{tree}/./a", f"{tree}/a/", "relative/a"]:
+        with pytest.raises(RecloneError, match="normalised"):
+            make_plan("run", [tree], {bad: item}, {}, PathSet([]))

@@ -37,7 +37,6 @@ from stead.system import hashcache
 from stead.system.hashcache import HashCache
 from stead.system.manifest import (
     HashWanted,
-    PathEntry,
     Scope,
     SystemManifest,
     build_manifest,
@@ -57,24 +56,6 @@ def scope_of(cluster: ClusterConfig) -> Scope:
         exclude=(*scope.exclude, AREA),
         preserve=scope.preserve,
         skip=scope.skip,
-    )
-
-
-def _item(entry: PathEntry, mtime: int | None) -> Item | None:
-    if mtime is None:
-        try:
-            mtime = os.lstat(entry.path).st_mtime_ns
-        except OSError:
-            return None
-    return Item(
-        kind=_KINDS.get(entry.kind, "other"),
-        mode=entry.mode,
-        uid=entry.uid,
-        gid=entry.gid,
-        size=entry.size,
-        mtime_ns=mtime,
-        digest="" if entry.error else entry.digest.hex(),
-        target=entry.target,
     )
 
 
@@ -120,14 +101,26 @@ def collect(
 
 def _items(manifest: SystemManifest, paths: Iterable[str], serving: bool) -> dict[str, Item]:
     items = {}
-    for path in paths:
-        entry = manifest.entries[path]
-        if serving and entry.error:
-            log.warning("reclone: %s left out: %s", path, entry.error)
-            continue
-        item = _item(entry, manifest.mtimes.get(path))
-        if item is not None:
-            items[path] = item
+    entries, mtimes = manifest.entries, manifest.mtimes
+    for path in paths:  # once per path of the trees: :func:`_item`, inlined
+        entry = entries[path]
+        if entry.error:
+            if serving:
+                log.warning("reclone: %s left out: %s", path, entry.error)
+                continue
+            digest = ""
+        else:
+            digest = entry.digest.hex()
+        mtime = mtimes.get(path)
+        if mtime is None:
+            try:
+                mtime = os.lstat(entry.path).st_mtime_ns
+            except OSError:
+                continue
+        kind = _KINDS.get(entry.kind, "other")
+        items[path] = Item(
+            kind, entry.mode, entry.uid, entry.gid, entry.size, mtime, digest, entry.target
+        )
     return items
 
 

@@ -95,7 +95,7 @@ class Work:
 
 def tree_of(path: str, trees: list[str]) -> str:
     """The configured tree that holds ``path`` (refused unless it is safely inside one)."""
-    if not path.startswith("/") or posixpath.normpath(path) != path or "\0" in path:
+    if not _normalised(path):
         raise RecloneError(f"manifest path {path!r} is not a normalised absolute path")
     for tree in trees:
         if path == tree or path.startswith(tree + "/"):
@@ -104,6 +104,19 @@ def tree_of(path: str, trees: list[str]) -> str:
                 raise RecloneError(f"manifest path {path!r} lies in the reclone area")
             return tree
     raise RecloneError(f"manifest path {path!r} lies outside the system trees")
+
+
+def _normalised(path: str) -> bool:
+    """An absolute path without NUL, empty, ``.`` or ``..`` components or a trailing ``/``
+    (what ``posixpath.normpath`` leaves unchanged, less a leading ``//``), in a few
+    substring tests: this runs for every path of two manifests."""
+    if not path.startswith("/") or "\0" in path:
+        return False
+    if path == "/":
+        return True
+    return not (
+        "//" in path or "/./" in path or "/../" in path or path.endswith(("/", "/.", "/.."))
+    )
 
 
 def _ancestors(path: str) -> list[str]:
@@ -161,6 +174,8 @@ class Planner:
         self.roots = frozenset(self.trees)
         self.here = {p: i for p, i in here.items() if _inside(p, self.trees)}
         self.preserved = preserved
+        # Tree of a path already checked by tree_of: its prefix is enough.
+        self._prefixes = [(t.rstrip("/") + "/", t) for t in self.trees]
         self.work = Work(Plan(run=run, trees=list(trees), delete_original=delete_original))
         self.counters = dict.fromkeys(self.trees, 0)
         # Per tree, once: names are made for every path of the scope.
@@ -168,6 +183,7 @@ class Planner:
         # Ancestors of preserved paths here: never replaced, never deleted. A walk sets
         # preserved paths apart (``held``: they have no item in ``here``).
         found = [p for p in self.here if p in preserved]
+        self.preserved_here = frozenset(found)  # asked again for each path that came
         self.kept = {a for p in [*found, *held] for a in _ancestors(p)}
         self.moved: set[str] = set()  # paths whose whole subtree the swap moves away
         self.ops: list[Op] = []
@@ -207,7 +223,7 @@ class Planner:
         for path in sorted(waiting):
             self._plan(path, waiting[path])
         for path in sorted(self.here):
-            if path in self.source or path in self.preserved or path in self.kept:
+            if path in self.source or path in self.preserved_here or path in self.kept:
                 continue
             if any(a in self.moved for a in _ancestors(path)):
                 continue
@@ -225,16 +241,28 @@ class Planner:
         n = f"{self.counters[tree]:08d}"
         return f"{stage}/{n}", f"{generation}/{n}"
 
+    def _tree(self, path: str) -> str:
+        """The tree of a path ``add`` checked with :func:`tree_of`."""
+        for prefix, tree in self._prefixes:
+            if path == tree or path.startswith(prefix):
+                return tree
+        return tree_of(path, self.trees)  # raises
+
+    def _is_preserved(self, path: str) -> bool:
+        if path in self.here:
+            return path in self.preserved_here
+        return path in self.preserved
+
     def _plan(self, path: str, new: Item) -> None:
         work, ops = self.work, self.ops
-        if path in self.preserved:
+        if self._is_preserved(path):
             return
         parent = posixpath.dirname(path)
         if parent in self.staged_dirs:
             _stage_inside(work, path, new, self.staged_dirs)
             return
         old = self.here.get(path)
-        tree = tree_of(path, self.trees)
+        tree = self._tree(path)
         if new.kind == "other":
             work.skipped.append(f"{path}: special file, not copied")
             return

@@ -364,7 +364,8 @@ class _Walk:
                 error = f"cannot list: {_reason(exc)}"
                 self.manifest.entries[path] = entry._replace(error=error)
                 continue
-            pending.extend(sorted(children, key=lambda c: c[0], reverse=True))
+            children.sort(reverse=True)  # by path: names are unique, nothing else compared
+            pending.extend(children)
 
     def _keep(self, path: str) -> bool:
         if path in self.skip or path.startswith(self.skip_below) or path in self.virtual:
