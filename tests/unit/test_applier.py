@@ -642,3 +642,51 @@ def test_disk_full_leaves_no_unnamed_file_open(tiny_fs: Path) -> None:
         assert free.f_bfree * free.f_bsize > 900 * 1024  # the unnamed files were freed
     finally:
         node.applier.close()
+
+
+class Chowns:
+    """Counts ``os.fchown`` calls."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        real = os.fchown
+
+        def counting(*args: Any, **kw: Any) -> None:
+            self.count += 1
+            real(*args, **kw)
+
+        monkeypatch.setattr(os, "fchown", counting)
+
+
+def test_a_new_file_already_owned_right_is_not_chowned(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chowns = Chowns(monkeypatch)
+    me = (os.geteuid(), os.getegid())
+    node.run(*[file(f"mine{i}", b"x", uid=me[0], gid=me[1]) for i in range(5)])
+    assert chowns.count == 0
+    node.run(file("gid-only", b"x", gid=me[1]), file("no-owner", b"x"))
+    assert chowns.count == 0
+    for name in ("mine0", "gid-only", "no-owner"):
+        st = os.lstat(node.path / name)
+        assert (st.st_uid, st.st_gid) == me
+
+
+@pytest.mark.root
+def test_the_owner_a_new_file_is_born_with_is_seen_not_assumed(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a set-group-ID tree a new file takes the directory's group: an entry naming the
+    agent's own group still needs its chown."""
+    node.path.mkdir()
+    os.chown(node.path, 0, 4321)
+    os.chmod(node.path, 0o2755)
+    chowns = Chowns(monkeypatch)
+    node.run(file("a", b"x", uid=0, gid=0), file("b", b"y", uid=0, gid=4321))
+    assert chowns.count == 1
+    assert os.lstat(node.path / "a").st_gid == 0
+    assert os.lstat(node.path / "b").st_gid == 4321
+    chowns.count = 0
+    node.run(file("c", b"z", uid=1234, gid=4321))  # someone else's: chowned
+    assert chowns.count == 1
+    assert (os.lstat(node.path / "c").st_uid, os.lstat(node.path / "c").st_gid) == (1234, 4321)

@@ -119,6 +119,9 @@ class _Root:
     intent_fd: int
     dev: int
     unnamed: bool = True  # O_TMPFILE works here (set False on the first refusal)
+    # Owner (uid, gid) a file made in staging gets, seen on the first: a file whose entry
+    # names that owner needs no chown.
+    born: tuple[int, int] | None = None
 
 
 class Applier:
@@ -293,7 +296,7 @@ class Applier:
                     if fd is None:
                         continue  # phase 2 reports it in order
                 try:
-                    self._fill(fd, entry)
+                    self._fill(fd, entry, None if named else root.born)
                 finally:
                     if named:
                         os.close(fd)
@@ -332,6 +335,9 @@ class Applier:
             root.unnamed = False
             return None
         self._unnamed[seq] = fd
+        if root.born is None:
+            st = os.fstat(fd)
+            root.born = (st.st_uid, st.st_gid)
         return fd
 
     def _open_staging(
@@ -357,8 +363,9 @@ class Applier:
         except FileNotFoundError:
             return None
 
-    def _fill(self, fd: int, entry: Entry) -> None:
-        """Write one part's data; a whole file gets its size and metadata too."""
+    def _fill(self, fd: int, entry: Entry, born: tuple[int, int] | None = None) -> None:
+        """Write one part's data; a whole file gets its size and metadata too (``born``:
+        the owner the file was made with, when known)."""
         self._writer.pwrite(fd, entry.data, entry.offset)
         if entry.first and entry.last:
             # A whole file in one entry: finish it here, while it is open, so that phase 2
@@ -366,7 +373,7 @@ class Applier:
             # already (a trailing hole needs a truncate).
             if entry.offset + len(entry.data) != entry.size:
                 os.ftruncate(fd, entry.size)
-            _set_meta_fd(fd, entry, DEFAULT_FILE_MODE)
+            _set_meta_fd(fd, entry, DEFAULT_FILE_MODE, born)
         if self._syncfs is None:
             os.fsync(fd)
         elif len(entry.data) >= WRITEBACK_FROM:
@@ -806,9 +813,19 @@ def _unlink_quiet(name: str, dir_fd: int) -> None:
         os.unlink(name, dir_fd=dir_fd)
 
 
-def _set_meta_fd(fd: int, entry: Entry, default_mode: int | None) -> None:
-    """Owner, then mode (chown clears set-id bits), then mtime (last: anything changes it)."""
-    if entry.uid is not None or entry.gid is not None:
+def _set_meta_fd(
+    fd: int, entry: Entry, default_mode: int | None, born: tuple[int, int] | None = None
+) -> None:
+    """Owner, then mode (chown clears set-id bits), then mtime (last: anything changes it).
+
+    ``born``: the owner a new file has already; no chown when the entry names it (the
+    agent's own files, as root: most of a system's). A new file has no set-id bits to
+    clear, and its mode is set below all the same."""
+    if (entry.uid is not None or entry.gid is not None) and not (
+        born is not None
+        and (entry.uid is None or entry.uid == born[0])
+        and (entry.gid is None or entry.gid == born[1])
+    ):
         os.fchown(fd, _id(entry.uid), _id(entry.gid))
     mode = entry.mode if entry.mode is not None else default_mode
     if mode is not None:
