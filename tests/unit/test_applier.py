@@ -517,24 +517,25 @@ def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
-class Renames:
-    """Counts ``os.rename`` calls: a new whole file needs none (it is linked straight in)."""
+class Calls:
+    """Counts the calls of one ``os`` function (``rename``: a new whole file needs none, it
+    is linked straight in; ``fchown``: a file born with its owner needs none)."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
         self.count = 0
-        real = os.rename
+        real = getattr(os, name)
 
-        def counting(*args: Any, **kw: Any) -> None:
+        def counting(*args: Any, **kw: Any) -> Any:
             self.count += 1
-            real(*args, **kw)
+            return real(*args, **kw)
 
-        monkeypatch.setattr(os, "rename", counting)
+        monkeypatch.setattr(os, name, counting)
 
 
 def test_new_whole_files_are_linked_in_without_a_staging_name(
     node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    renames = Renames(monkeypatch)
+    renames = Calls(monkeypatch, "rename")
     entries = [file(f"d{i % 3}/f{i}", b"%d" % i, uid=1234, gid=4321) for i in range(50)]
     node.run(*entries)
     assert renames.count == 0
@@ -552,7 +553,7 @@ def test_whole_file_over_something_is_still_replaced_atomically(
     node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     node.run(file("a", b"old"), op(Op.MKDIR, "b"), file("b/x", b"in a directory"))
-    renames = Renames(monkeypatch)
+    renames = Calls(monkeypatch, "rename")
     node.run(file("a", b"new"), file("b", b"a file now"))
     assert renames.count >= 2  # each linked to its staging name, renamed over the old
     assert (node.path / "a").read_bytes() == b"new"
@@ -569,7 +570,7 @@ def test_without_o_tmpfile_whole_files_are_staged_by_name(
         raise OSError(errno.EOPNOTSUPP, "no O_TMPFILE here")
 
     monkeypatch.setattr(applier_module, "open_unnamed", refused)
-    renames = Renames(monkeypatch)
+    renames = Calls(monkeypatch, "rename")
     node.run(*[file(f"f{i}", b"x" * i) for i in range(5)])
     assert renames.count == 5
     assert [(node.path / f"f{i}").read_bytes() for i in range(5)] == [b"x" * i for i in range(5)]
@@ -580,7 +581,7 @@ def test_only_so_many_unnamed_files_are_held_open(
     node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     node.applier._unnamed_cap = 3
-    renames = Renames(monkeypatch)
+    renames = Calls(monkeypatch, "rename")
     node.run(*[file(f"f{i}", b"%d" % i) for i in range(10)])
     assert renames.count == 7
     assert [(node.path / f"f{i}").read_bytes() for i in range(10)] == [b"%d" % i for i in range(10)]
@@ -644,24 +645,10 @@ def test_disk_full_leaves_no_unnamed_file_open(tiny_fs: Path) -> None:
         node.applier.close()
 
 
-class Chowns:
-    """Counts ``os.fchown`` calls."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.count = 0
-        real = os.fchown
-
-        def counting(*args: Any, **kw: Any) -> None:
-            self.count += 1
-            real(*args, **kw)
-
-        monkeypatch.setattr(os, "fchown", counting)
-
-
 def test_a_new_file_already_owned_right_is_not_chowned(
     node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    chowns = Chowns(monkeypatch)
+    chowns = Calls(monkeypatch, "fchown")
     me = (os.geteuid(), os.getegid())
     node.run(*[file(f"mine{i}", b"x", uid=me[0], gid=me[1]) for i in range(5)])
     assert chowns.count == 0
@@ -681,7 +668,7 @@ def test_the_owner_a_new_file_is_born_with_is_seen_not_assumed(
     node.path.mkdir()
     os.chown(node.path, 0, 4321)
     os.chmod(node.path, 0o2755)
-    chowns = Chowns(monkeypatch)
+    chowns = Calls(monkeypatch, "fchown")
     node.run(file("a", b"x", uid=0, gid=0), file("b", b"y", uid=0, gid=4321))
     assert chowns.count == 1
     assert os.lstat(node.path / "a").st_gid == 0
