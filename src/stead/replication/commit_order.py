@@ -65,11 +65,16 @@ class Window:
     any other entry conflicts when its path meets a name renamed away. Everything else
     replays harmlessly: a rename whose source is gone is a no-op, and the other kinds
     converge. Lookups go by path and by each parent, never through the whole window.
+
+    Only a ``RENAME`` asks about the parents of touched paths, so they are worked out when
+    one comes (a stream without renames notes each path in one set), and nothing is asked
+    about names renamed away while there are none.
     """
 
     def __init__(self) -> None:
         self._touched: set[tuple[str, str]] = set()
         self._above_touched: set[tuple[str, str]] = set()  # strict parents of touched paths
+        self._unexpanded: list[tuple[str, str]] = []  # touched, parents not yet added above
         self._gone: set[tuple[str, str]] = set()
         self._above_gone: set[tuple[str, str]] = set()
 
@@ -79,6 +84,7 @@ class Window:
             return True
         if entry.op is not Op.RENAME:
             return False
+        self._expand()
         target = (entry.root, entry.target)
         return (
             self._meets_gone(target)
@@ -88,13 +94,21 @@ class Window:
 
     def note(self, entry: Entry) -> None:
         key = (entry.root, entry.path)
-        self._add(key, self._touched, self._above_touched)
+        self._touched.add(key)
+        self._unexpanded.append(key)
         if entry.op is Op.RENAME:
-            self._add((entry.root, entry.target), self._touched, self._above_touched)
+            target = (entry.root, entry.target)
+            self._touched.add(target)
+            self._unexpanded.append(target)
             self._add(key, self._gone, self._above_gone)
 
+    def _expand(self) -> None:
+        for key in self._unexpanded:
+            self._above_touched.update(_parents(key))
+        self._unexpanded.clear()
+
     def _meets_gone(self, key: tuple[str, str]) -> bool:
-        return _meets(key, self._gone, self._above_gone)
+        return bool(self._gone) and _meets(key, self._gone, self._above_gone)
 
     @staticmethod
     def _add(
