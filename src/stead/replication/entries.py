@@ -85,10 +85,10 @@ class Entry:
         """Build an entry from what a peer sent, refusing anything malformed."""
         if not isinstance(wire, dict):
             raise ProtocolError("entry is not a map")
-        try:
-            op = Op(str(wire.get("o")))
-        except ValueError:
-            raise ProtocolError(f"unknown entry op {wire.get('o')!r}") from None
+        raw_op = wire.get("o")
+        op = _OPS.get(raw_op) if type(raw_op) is str else None
+        if op is None:
+            raise ProtocolError(f"unknown entry op {raw_op!r}")
         root = _text(wire, "r", required=True)
         path = _text(wire, "p", required=True)
         check_relative_path(path)
@@ -146,6 +146,9 @@ class Entry:
             if block_offset + len(block) > MAX_FILE_BYTES:
                 raise ProtocolError("delta block beyond the largest file")
         return cls(op=op, root=root, path=path, target=target, **kwargs)
+
+
+_OPS = {op.value: op for op in Op}  # a dict lookup: Op(text) costs an enum call per entry
 
 
 def check_relative_path(path: str) -> None:
