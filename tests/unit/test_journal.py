@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import msgpack
@@ -289,3 +290,17 @@ def test_tail_serves_recent_records_without_the_log(tmp_path: Path) -> None:
         assert _all_from(journal, 1) == list(range(1, 21))
         journal.restart_at(100)
         assert journal._tail.read(20, 1 << 20, 100) is None
+
+
+def test_records_encoded_in_many_threads_at_once_decode_to_their_entries() -> None:
+    """Each thread packs with a packer of its own (reused between calls)."""
+
+    def work(n: int) -> bool:
+        for i in range(200):
+            entry = Entry(Op.FILE, "/srv", f"t{n}/f{i}", data=bytes([n]) * (i + 1), size=i + 1)
+            if decode_record(encode_record(n, entry)) != (n, entry):
+                return False
+        return True
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(work, range(16)))

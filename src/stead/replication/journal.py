@@ -42,11 +42,20 @@ DEFAULT_TAIL_BYTES = 32 * 1024 * 1024
 DEFAULT_PENDING_BYTES = 64 * 1024 * 1024
 
 
+_packers = threading.local()
+
+
 def encode_record(epoch: int, entry: Entry) -> bytes:
-    """The stored and shipped form of one entry."""
-    packed: bytes = msgpack.packb(
-        [epoch, entry.to_wire()], use_bin_type=True, unicode_errors="surrogateescape"
-    )
+    """The stored and shipped form of one entry.
+
+    One packer per thread, reused: ``msgpack.packb`` makes a packer (and its 1 MiB buffer)
+    for every call, which was a sixth of the active's Python time with small files."""
+    packer = getattr(_packers, "packer", None)
+    if packer is None:
+        packer = _packers.packer = msgpack.Packer(
+            use_bin_type=True, unicode_errors="surrogateescape"
+        )
+    packed: bytes = packer.pack([epoch, entry.to_wire()])
     return packed
 
 
