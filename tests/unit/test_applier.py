@@ -677,3 +677,26 @@ def test_the_owner_a_new_file_is_born_with_is_seen_not_assumed(
     node.run(file("c", b"z", uid=1234, gid=4321))  # someone else's: chowned
     assert chowns.count == 1
     assert (os.lstat(node.path / "c").st_uid, os.lstat(node.path / "c").st_gid) == (1234, 4321)
+
+
+def test_where_an_unnamed_file_cannot_be_named_files_are_staged_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No capability to link a descriptor and no /proc: found out before any data is
+    staged unnamed (such a file could not be placed), and nothing is lost."""
+    from stead.replication import applier as applier_module
+
+    def refused(fd: int, dir_fd: int, name: str) -> None:
+        raise FileNotFoundError(errno.ENOENT, "no /proc here", f"/proc/self/fd/{fd}")
+
+    monkeypatch.setattr(applier_module, "name_unnamed", refused)
+    node = Node(tmp_path / "root")
+    try:
+        node.run(*[file(f"f{i}", b"%d" % i) for i in range(5)])
+        assert [(node.path / f"f{i}").read_bytes() for i in range(5)] == [
+            b"%d" % i for i in range(5)
+        ]
+        assert staging(node) == []
+        assert not node.applier._roots[ROOT].unnamed
+    finally:
+        node.applier.close()

@@ -21,6 +21,8 @@ straight to its path when nothing stands there: one directory operation instead 
 cut the applier's CPU by a quarter: directory lookups and inserts were most of its kernel
 time. If something stands at the path, the file takes its staging name and replaces it as
 above. A crash loses the unnamed files; the replay writes them again from the entries.
+Where ``O_TMPFILE`` is missing, or an unnamed file cannot be named (no
+``CAP_DAC_READ_SEARCH`` and no ``/proc``), found out once per root, files are staged by name.
 
 Timing: group commit. One ``fsync`` per small file caps a disk at about 2,000 files/s, so a
 batch is applied in segments of two phases: phase 1 writes the data of every ``FILE`` part of
@@ -781,8 +783,30 @@ class Applier:
             rootdir.close()
             raise
         root = _Root(key, rootdir, staging_fd, intent_fd, os.fstat(rootdir.fd).st_dev)
+        root.unnamed = _unnamed_works(key, staging_fd)
         self._roots[key] = root
         return root
+
+
+def _unnamed_works(key: str, staging_fd: int) -> bool:
+    """Whether an unnamed file made in staging can be given a name: ``O_TMPFILE`` may be
+    missing (the file system), and naming one needs ``CAP_DAC_READ_SEARCH`` or ``/proc``.
+    Tried once per root: a file that could not be named later would be lost."""
+    try:
+        fd = open_unnamed(staging_fd)
+    except OSError as exc:
+        log.info("no O_TMPFILE in %s (%s): whole files are staged by name", key, exc)
+        return False
+    try:
+        name = _tmp_name()
+        name_unnamed(fd, staging_fd, name)
+        os.unlink(name, dir_fd=staging_fd)
+        return True
+    except OSError as exc:
+        log.info("cannot name an unnamed file in %s (%s): staged by name", key, exc)
+        return False
+    finally:
+        os.close(fd)
 
 
 def _unnamed_cap() -> int:
