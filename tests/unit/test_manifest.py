@@ -135,8 +135,39 @@ def test_forgets_wait_in_a_batch_and_every_query_sees_them(
     assert again.count() == 2
     # Past the batch size, forgets are executed without waiting for a commit.
     monkeypatch.setattr("stead.replication.manifest.FORGET_BATCH", 3)
+    for rel in ["p", "q"]:
+        again.record("r", rel, st, rel.encode())
     for rel in ["b", "p", "q"]:
         again.forget("r", rel)
     assert again._forgotten == set()
-    assert again.count() == 1
+    assert again.count() == 1  # e/x
     again.close()
+
+
+def test_the_forget_of_a_path_that_never_had_a_record_does_nothing(
+    manifest: Manifest, tmp_path: Path
+) -> None:
+    """Small files have no record: their forgets are answered by the filter, no DELETE."""
+    st = tmp_path.stat()
+    manifest.record("r", "big", st, b"h")
+    manifest.record("r", "d/big", st, b"h")
+    manifest.commit()
+    for i in range(1000):
+        manifest.forget("r", f"small{i}")
+    assert manifest._forgotten == set()
+    manifest.forget("r", "big")  # a record: forgotten as before
+    assert manifest.lookup("r", "big") is None
+    manifest.rename("r", "d", "e")  # moved rows are known under their new names
+    manifest.forget("r", "e/big")
+    assert manifest.lookup("r", "e/big") is None
+    manifest.commit()
+    manifest.close()
+    again = Manifest(tmp_path / "manifest.db", block_size=BLOCK)
+    again.record("r", "kept", st, b"h")
+    again.commit()
+    again.close()
+    third = Manifest(tmp_path / "manifest.db", block_size=BLOCK)  # filled from the table
+    third.forget("r", "kept")
+    assert third.lookup("r", "kept") is None
+    assert third.count() == 0
+    third.close()

@@ -17,7 +17,10 @@ Duties:
   writes are batched into one transaction per capture flush, so a million protected files
   cost disk, not RAM. Forgets (one per small file sent whole, nearly always of a path that
   has no record) wait in a set of at most :data:`FORGET_BATCH` keys and go in one
-  ``executemany``; every other query sees them first.
+  ``executemany``; every other query sees them first. A Bloom filter of the keys that may
+  have a record (1 MiB, filled from the table at open and on every record or rename) lets
+  the forget of a path that surely has none do nothing: that ``DELETE`` was about 2 us of
+  the active's CPU for every small file.
 - **Threads**: one connection, usable from worker threads (capture reads files in threads),
   but callers serialise access; capture never runs two flushes at once.
 """
@@ -36,6 +39,7 @@ from blake3 import blake3
 HASH_SIZE = 16
 DEFAULT_BLOCK_SIZE = 65536
 FORGET_BATCH = 4096
+MAYBE_BITS = 1 << 23  # the Bloom filter's size: 1 MiB
 
 
 def block_hash(data: bytes) -> bytes:
@@ -86,6 +90,28 @@ class Record:
         return self.hashes[start : start + HASH_SIZE]
 
 
+class _Maybe:
+    """A Bloom filter of (root, path) keys that may have a record: never a false "no"
+    (every key recorded or renamed in is added); a false "maybe" costs one ``DELETE`` that
+    finds nothing. Keys are never removed: a forgotten key stays a "maybe". Python's
+    ``hash`` is per process, and so is the filter (rebuilt from the table at open)."""
+
+    def __init__(self, bits: int = MAYBE_BITS) -> None:
+        self._bits = bytearray(bits // 8)
+        self._mask = bits - 1
+        self._shift = bits.bit_length() - 1
+
+    def add(self, key: tuple[str, bytes]) -> None:
+        h = hash(key)
+        for i in (h & self._mask, (h >> self._shift) & self._mask):
+            self._bits[i >> 3] |= 1 << (i & 7)
+
+    def __contains__(self, key: tuple[str, bytes]) -> bool:
+        h = hash(key)
+        i, j = h & self._mask, (h >> self._shift) & self._mask
+        return bool(self._bits[i >> 3] & (1 << (i & 7)) and self._bits[j >> 3] & (1 << (j & 7)))
+
+
 def _key(relpath: str) -> bytes:
     # Paths are stored as their file-system bytes: names that are not UTF-8 survive, and
     # byte order makes every subtree one contiguous range of the primary key.
@@ -127,6 +153,9 @@ class Manifest:
         self._dirty = False
         self._zero_hash = block_hash(bytes(block_size))
         self._forgotten: set[tuple[str, bytes]] = set()  # deletes not yet executed
+        self._maybe = _Maybe()
+        for key in self._db.execute("SELECT root, path FROM blocks"):
+            self._maybe.add(key)
 
     def close(self) -> None:
         self.commit()
@@ -180,15 +209,20 @@ class Manifest:
 
     def record(self, root: str, relpath: str, st: os.stat_result, hashes: bytes) -> None:
         """Remember that the passives were sent this file state (effective at commit)."""
-        self._forgotten.discard((root, _key(relpath)))  # replaced below all the same
+        key = (root, _key(relpath))
+        self._forgotten.discard(key)  # replaced below all the same
+        self._maybe.add(key)
         self._db.execute(
             "INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?, ?, ?)",
-            (root, _key(relpath), st.st_size, st.st_mtime_ns, st.st_ino, hashes),
+            (root, key[1], st.st_size, st.st_mtime_ns, st.st_ino, hashes),
         )
         self._dirty = True
 
     def forget(self, root: str, relpath: str) -> None:
-        self._forgotten.add((root, _key(relpath)))
+        key = (root, _key(relpath))
+        if key not in self._maybe:
+            return  # surely no record: nothing to delete
+        self._forgotten.add(key)
         if len(self._forgotten) >= FORGET_BATCH:
             self._forget_now()
 
@@ -219,15 +253,18 @@ class Manifest:
         cursor = self._db.execute(
             "UPDATE blocks SET path=? WHERE root=? AND path=?", (new_key, root, old_key)
         )
-        self._dirty |= cursor.rowcount > 0
+        if cursor.rowcount > 0:
+            self._maybe.add((root, new_key))
+            self._dirty = True
         low, high = _subtree_range(old)
         moved = self._db.execute(
             "SELECT path FROM blocks WHERE root=? AND path>=? AND path<?", (root, low, high)
         ).fetchall()
         for (path,) in moved:
+            renamed = new_key + path[len(old_key) :]
+            self._maybe.add((root, renamed))
             self._db.execute(
-                "UPDATE blocks SET path=? WHERE root=? AND path=?",
-                (new_key + path[len(old_key) :], root, path),
+                "UPDATE blocks SET path=? WHERE root=? AND path=?", (renamed, root, path)
             )
             self._dirty = True
 
