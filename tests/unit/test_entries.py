@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stead.errors import ProtocolError
 from stead.replication.entries import Entry, Op
@@ -66,3 +68,42 @@ def test_linked_flag_travels_only_when_set() -> None:
     plain = Entry(Op.FILE, "/srv", "a", data=b"x", size=1)
     assert "k" not in plain.to_wire()  # what an older peer sends: not linked
     assert Entry.from_wire(plain.to_wire()).linked is False
+
+
+_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**64), max_value=2**64),
+    st.sampled_from([0, 1, 0o644, 0o7777, 0o10000, 2**32 - 2, 2**32 - 1, 2**62, 2**63]),
+    st.text(max_size=5),
+    st.sampled_from(["a/b", "../x", "/abs", "a//b", "ok", "", "file", "delta"]),
+    st.binary(max_size=8),
+    st.lists(st.integers(), max_size=2),
+)
+_KEYS = ["o", "r", "p", "t", "d", "off", "f", "l", "s", "k", "m", "u", "g", "t_ns", "x"]
+
+
+@settings(max_examples=500)
+@given(
+    st.dictionaries(st.sampled_from(_KEYS), _VALUES, max_size=14),
+    st.booleans(),
+)
+def test_the_shortcut_for_whole_files_accepts_only_what_the_full_checks_accept(
+    extra: dict[str, Any], start_valid: bool
+) -> None:
+    """Any map: where the shortcut builds an entry, the full checks build the same one."""
+    wire: dict[str, Any] = (
+        {"o": "file", "r": "/srv", "p": "d/f", "d": b"x", "off": 0, "f": True, "l": True, "s": 1}
+        if start_valid
+        else {}
+    )
+    wire.update(extra)
+    try:
+        checked: Entry | None = Entry.checked_from_wire(wire)
+    except ProtocolError:
+        checked = None
+    try:
+        fast = Entry.from_wire(wire)
+    except ProtocolError:
+        fast = None
+    assert fast == checked

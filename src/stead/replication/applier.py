@@ -151,6 +151,7 @@ class Applier:
         # phase 1 to their link in phase 2 of the same segment; at most _unnamed_cap open.
         self._unnamed: dict[int, int] = {}
         self._unnamed_cap = _unnamed_cap()
+        self._checked: set[int] = set()  # seqs of this segment phase 1 found safe
         # Staging names of multi-part files begun and not yet placed (and, after a start,
         # whatever staging held): a whole file of the same path must remove that name.
         self._partial: set[tuple[str, str]] = set()
@@ -256,6 +257,7 @@ class Applier:
         try:
             self._two_phases(segment, on_refused)
         finally:
+            self._checked.clear()
             for fd in self._unnamed.values():  # refused or failed: never named
                 os.close(fd)
             self._unnamed.clear()
@@ -282,11 +284,13 @@ class Applier:
         """Write every FILE part's data into its staging file; return the roots touched."""
         touched: set[str] = set()
         created: list[tuple[int, str]] = []
+        checked = self._checked
         for seq, entry in segment:
             try:
                 root = self._check(entry)
             except UnsafePath:
                 continue  # refused, in order, by phase 2
+            checked.add(seq)
             touched.add(root.key)
             if entry.op is not Op.FILE:
                 continue
@@ -424,7 +428,8 @@ class Applier:
 
     def _apply_one(self, seq: int, entry: Entry, on_refused: RefusedFn | None) -> None:
         try:
-            root = self._check(entry)
+            # Checked in phase 1 already (its paths do not change in between).
+            root = self._roots[entry.root] if seq in self._checked else self._check(entry)
             root.dir.trim()
             if self.quarantine and self.quarantine_dir is not None:
                 self._keep(entry, root)

@@ -83,6 +83,13 @@ class Entry:
     @classmethod
     def from_wire(cls, wire: Any) -> Entry:
         """Build an entry from what a peer sent, refusing anything malformed."""
+        fast = _whole_file(wire)
+        return fast if fast is not None else cls.checked_from_wire(wire)
+
+    @classmethod
+    def checked_from_wire(cls, wire: Any) -> Entry:
+        """:meth:`from_wire` without its shortcut for the common shape: every check, the
+        precise error."""
         if not isinstance(wire, dict):
             raise ProtocolError("entry is not a map")
         raw_op = wire.get("o")
@@ -149,6 +156,60 @@ class Entry:
 
 
 _OPS = {op.value: op for op in Op}  # a dict lookup: Op(text) costs an enum call per entry
+_ABSENT: Any = object()
+_ID_LIMIT = 2**32 - 1
+_MTIME_LOW, _MTIME_HIGH = -(2**63), 2**63
+
+
+def _whole_file(wire: Any) -> Entry | None:
+    """:meth:`Entry.from_wire` for the common shape (a ``FILE`` entry, every field well
+    typed and in range), in a few type tests; None for anything else, which the full
+    checks then build or refuse with their precise error. Accepts only what they accept
+    and builds the same entry: each small file is one such entry on a passive."""
+    if type(wire) is not dict or wire.get("o") != "file" or "t" in wire:
+        return None
+    root, path, data = wire.get("r"), wire.get("p"), wire.get("d", b"")
+    offset, size = wire.get("off", 0), wire.get("s", 0)
+    first, last, linked = wire.get("f", True), wire.get("l", True), wire.get("k", False)
+    mode, uid, gid = wire.get("m", _ABSENT), wire.get("u", _ABSENT), wire.get("g", _ABSENT)
+    mtime = wire.get("t_ns", _ABSENT)
+    if not (
+        type(root) is str
+        and root
+        and type(path) is str
+        and path
+        and type(data) is bytes
+        and type(offset) is int
+        and 0 <= offset < MAX_FILE_BYTES
+        and type(size) is int
+        and 0 <= size < MAX_FILE_BYTES
+        and type(first) is bool
+        and type(last) is bool
+        and type(linked) is bool
+        and (mode is _ABSENT or (type(mode) is int and 0 <= mode <= 0o7777))
+        and (uid is _ABSENT or (type(uid) is int and 0 <= uid < _ID_LIMIT))
+        and (gid is _ABSENT or (type(gid) is int and 0 <= gid < _ID_LIMIT))
+        and (mtime is _ABSENT or (type(mtime) is int and _MTIME_LOW <= mtime < _MTIME_HIGH))
+    ):
+        return None
+    check_relative_path(path)
+    return Entry(
+        Op.FILE,
+        root,
+        path,
+        "",
+        data,
+        offset,
+        first,
+        last,
+        size,
+        (),
+        None if mode is _ABSENT else mode,
+        None if uid is _ABSENT else uid,
+        None if gid is _ABSENT else gid,
+        None if mtime is _ABSENT else mtime,
+        linked,
+    )
 
 
 def check_relative_path(path: str) -> None:
