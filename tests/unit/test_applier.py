@@ -565,11 +565,13 @@ def test_without_o_tmpfile_whole_files_are_staged_by_name(
     node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from stead.replication import applier as applier_module
+    from stead.replication import apply_files
 
     def refused(dir_fd: int, mode: int = 0o600) -> int:
         raise OSError(errno.EOPNOTSUPP, "no O_TMPFILE here")
 
-    monkeypatch.setattr(applier_module, "open_unnamed", refused)
+    for module in (applier_module, apply_files):  # the probe, and every file after it
+        monkeypatch.setattr(module, "open_unnamed", refused)
     renames = Calls(monkeypatch, "rename")
     node.run(*[file(f"f{i}", b"x" * i) for i in range(5)])
     assert renames.count == 5
@@ -685,11 +687,13 @@ def test_where_an_unnamed_file_cannot_be_named_files_are_staged_by_name(
     """No capability to link a descriptor and no /proc: found out before any data is
     staged unnamed (such a file could not be placed), and nothing is lost."""
     from stead.replication import applier as applier_module
+    from stead.replication import apply_files
 
     def refused(fd: int, dir_fd: int, name: str) -> None:
         raise FileNotFoundError(errno.ENOENT, "no /proc here", f"/proc/self/fd/{fd}")
 
-    monkeypatch.setattr(applier_module, "name_unnamed", refused)
+    for module in (applier_module, apply_files):  # the probe, and every naming after it
+        monkeypatch.setattr(module, "name_unnamed", refused)
     node = Node(tmp_path / "root")
     try:
         node.run(*[file(f"f{i}", b"%d" % i) for i in range(5)])

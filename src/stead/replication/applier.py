@@ -59,17 +59,13 @@ Two more duties make the rest idempotent:
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
-import hashlib
 import itertools
 import logging
 import os
-import resource
 import shutil
 import stat
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +83,18 @@ from stead.fsutil import (
     start_writeback,
 )
 from stead.replication import quarantine
+from stead.replication.apply_files import (
+    TMP_PREFIX,
+    apply_error,
+    set_link_meta,
+    set_meta_fd,
+    staged_exists,
+    staging_name,
+    tmp_name,
+    unlink_quiet,
+    unnamed_cap,
+    unnamed_works,
+)
 from stead.replication.commit_order import Record, segments
 from stead.replication.entries import Entry, Op
 from stead.replication.pathsafe import RootDir, lstat_at, open_child_dir, split_relative
@@ -98,9 +106,7 @@ RefusedFn = Callable[[int, Entry, Exception], None]
 
 STAGING_DIR = "staging"
 INTENT_FILE = "applying"
-TMP_PREFIX = "tmp-"
 DEFAULT_FILE_MODE = 0o644
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
@@ -150,7 +156,7 @@ class Applier:
         # Whole files staged without a name (O_TMPFILE), by seq -> open descriptor, from
         # phase 1 to their link in phase 2 of the same segment; at most _unnamed_cap open.
         self._unnamed: dict[int, int] = {}
-        self._unnamed_cap = _unnamed_cap()
+        self._unnamed_cap = unnamed_cap()
         self._checked: set[int] = set()  # seqs of this segment phase 1 found safe
         # Staging names of multi-part files begun and not yet placed (and, after a start,
         # whatever staging held): a whole file of the same path must remove that name.
@@ -309,8 +315,8 @@ class Applier:
             except OSError as exc:
                 # Free what this segment took: a retry replays it from the last commit.
                 for dir_fd, staged in created:
-                    _unlink_quiet(staged, dir_fd)
-                raise _apply_error(seq, entry, exc) from exc
+                    unlink_quiet(staged, dir_fd)
+                raise apply_error(seq, entry, exc) from exc
             self.stats.bytes_written += len(entry.data)
         self._dirty |= touched
         return touched
@@ -328,10 +334,10 @@ class Applier:
         ):
             return None
         if self._partial:
-            name = _staging_name(entry)
+            name = staging_name(entry)
             if (root.key, name) in self._partial:  # an unfinished earlier file: gone
                 self._partial.discard((root.key, name))
-                _unlink_quiet(name, root.staging_fd)
+                unlink_quiet(name, root.staging_fd)
         try:
             fd = open_unnamed(root.staging_fd)
         except OSError as exc:
@@ -351,14 +357,14 @@ class Applier:
     ) -> int | None:
         """The staging file of ``entry``'s path, opened for its part (created on ``first``);
         None if a later part finds none."""
-        name = _staging_name(entry)
+        name = staging_name(entry)
         if entry.first:
             self._finalized.pop((root.key, name), None)
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
             try:
                 fd = os.open(name, flags, 0o600, dir_fd=root.staging_fd)
             except FileExistsError:  # a replay's, or a finished file's link: anew
-                _unlink_quiet(name, root.staging_fd)
+                unlink_quiet(name, root.staging_fd)
                 fd = os.open(name, flags, 0o600, dir_fd=root.staging_fd)
             created.append((root.staging_fd, name))
             if not entry.last:
@@ -379,7 +385,7 @@ class Applier:
             # already (a trailing hole needs a truncate).
             if entry.offset + len(entry.data) != entry.size:
                 os.ftruncate(fd, entry.size)
-            _set_meta_fd(fd, entry, DEFAULT_FILE_MODE, born)
+            set_meta_fd(fd, entry, DEFAULT_FILE_MODE, born)
         if self._syncfs is None:
             os.fsync(fd)
         elif len(entry.data) >= WRITEBACK_FROM:
@@ -400,7 +406,7 @@ class Applier:
         for (key, name), seq in list(self._finalized.items()):
             if seq <= committed:
                 del self._finalized[(key, name)]
-                _unlink_quiet(name, self._roots[key].staging_fd)
+                unlink_quiet(name, self._roots[key].staging_fd)
 
     def _durable(self, keys: set[str]) -> None:
         """One durability pass: ``syncfs`` once per file system among ``keys``."""
@@ -444,7 +450,7 @@ class Applier:
             self.stats.refused += 1
             log.warning("refused entry %d (%s in %r): %s", seq, entry.op, entry.root, exc)
             if entry.op is Op.FILE and entry.last and entry.root in self._roots:
-                _unlink_quiet(_staging_name(entry), self._roots[entry.root].staging_fd)
+                unlink_quiet(staging_name(entry), self._roots[entry.root].staging_fd)
             if on_refused is None:
                 raise
             on_refused(seq, entry, exc)
@@ -465,7 +471,7 @@ class Applier:
             on_refused(seq, entry, exc)
             return
         except OSError as exc:
-            raise _apply_error(seq, entry, exc) from exc
+            raise apply_error(seq, entry, exc) from exc
         self.stats.entries_applied += 1
 
     def _keep(self, entry: Entry, root: _Root) -> None:
@@ -511,10 +517,10 @@ class Applier:
             self._whole_file(seq, entry, root)
             return
         if not entry.last:
-            if not _exists(entry, root):
+            if not staged_exists(entry, root.staging_fd):
                 raise OutOfSync(f"entry {seq}: no staging file for part of {entry.path!r}")
             return
-        name = _staging_name(entry)
+        name = staging_name(entry)
         try:
             fd = os.open(name, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=root.staging_fd)
         except FileNotFoundError:
@@ -522,7 +528,7 @@ class Applier:
             raise OutOfSync(f"entry {seq}: no staging file for {entry.path!r}") from None
         try:
             os.ftruncate(fd, entry.size)  # only shortens or extends: holes stay holes
-            _set_meta_fd(fd, entry, DEFAULT_FILE_MODE)
+            set_meta_fd(fd, entry, DEFAULT_FILE_MODE)
             staged = os.fstat(fd)
         finally:
             os.close(fd)
@@ -534,7 +540,7 @@ class Applier:
             pass  # the staging file stays until the commit: a replay copies it again
         else:
             self._clear_dir(root, parent_fd, final, entry.path, current)
-            tmp = _tmp_name()
+            tmp = tmp_name()
             os.link(name, tmp, src_dir_fd=root.staging_fd, dst_dir_fd=root.staging_fd)
             os.rename(tmp, final, src_dir_fd=root.staging_fd, dst_dir_fd=parent_fd)
         self._finalized[(root.key, name)] = seq
@@ -559,17 +565,17 @@ class Applier:
                     pass
                 # Something stands there: the file takes its staging name and replaces it
                 # below as a staged file would (atomically, a directory cleared first).
-                name = _staging_name(entry)
-                _unlink_quiet(name, root.staging_fd)
+                name = staging_name(entry)
+                unlink_quiet(name, root.staging_fd)
                 name_unnamed(unnamed, root.staging_fd, name)
         finally:
             if unnamed is not None:
                 os.close(unnamed)
-        name = _staging_name(entry)
+        name = staging_name(entry)
         if entry.linked and self._into_linked(
             entry, root, name, parent_fd, final, lstat_at(parent_fd, final)
         ):
-            _unlink_quiet(name, root.staging_fd)
+            unlink_quiet(name, root.staging_fd)
             self.stats.files_written += 1
             return
         try:
@@ -615,7 +621,7 @@ class Applier:
             try:
                 copy_range(src, dst, entry.size)
                 os.ftruncate(dst, entry.size)
-                _set_meta_fd(dst, entry, None)
+                set_meta_fd(dst, entry, None)
             finally:
                 os.close(dst)
         finally:
@@ -640,7 +646,7 @@ class Applier:
                 pwrite_all(fd, block, offset)
                 self.stats.bytes_written += len(block)
             os.ftruncate(fd, entry.size)
-            _set_meta_fd(fd, entry, None)
+            set_meta_fd(fd, entry, None)
         finally:
             os.close(fd)
         self._dirty.add(root.key)
@@ -655,7 +661,7 @@ class Applier:
             os.mkdir(name, 0o700, dir_fd=parent_fd)  # opened up below, once owned right
         fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
         try:
-            _set_meta_fd(fd, entry, 0o755 if current is None else None)
+            set_meta_fd(fd, entry, 0o755 if current is None else None)
         finally:
             os.close(fd)
 
@@ -669,11 +675,11 @@ class Applier:
             and stat.S_ISLNK(current.st_mode)
             and os.readlink(name, dir_fd=parent_fd) == entry.target
         ):
-            _set_link_meta(name, parent_fd, entry)
+            set_link_meta(name, parent_fd, entry)
             return
-        tmp = _tmp_name()
+        tmp = tmp_name()
         os.symlink(entry.target, tmp, dir_fd=root.staging_fd)
-        _set_link_meta(tmp, root.staging_fd, entry)
+        set_link_meta(tmp, root.staging_fd, entry)
         self._clear_dir(root, parent_fd, name, entry.path, current)
         os.rename(tmp, name, src_dir_fd=root.staging_fd, dst_dir_fd=parent_fd)
 
@@ -688,7 +694,7 @@ class Applier:
         current = lstat_at(parent_fd, name)
         if current is not None and os.path.samestat(current, source):
             return
-        tmp = _tmp_name()
+        tmp = tmp_name()
         os.link(src_name, tmp, src_dir_fd=src_fd, dst_dir_fd=root.staging_fd, follow_symlinks=False)
         self._clear_dir(root, parent_fd, name, entry.path, current)
         os.rename(tmp, name, src_dir_fd=root.staging_fd, dst_dir_fd=parent_fd)
@@ -702,7 +708,7 @@ class Applier:
         if current is None:
             return
         if not self._clear_dir(root, parent_fd, name, entry.path, current):
-            _unlink_quiet(name, parent_fd)
+            unlink_quiet(name, parent_fd)
 
     def _rename(self, seq: int, entry: Entry, root: _Root) -> None:
         try:
@@ -732,12 +738,12 @@ class Applier:
         if current is None:
             return self._missing(seq, entry, "path is missing")
         if stat.S_ISLNK(current.st_mode):
-            _set_link_meta(name, parent_fd, entry)
+            set_link_meta(name, parent_fd, entry)
             return
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         fd = os.open(name, flags, dir_fd=parent_fd)
         try:
-            _set_meta_fd(fd, entry, None)
+            set_meta_fd(fd, entry, None)
         finally:
             os.close(fd)
 
@@ -788,95 +794,6 @@ class Applier:
             rootdir.close()
             raise
         root = _Root(key, rootdir, staging_fd, intent_fd, os.fstat(rootdir.fd).st_dev)
-        root.unnamed = _unnamed_works(key, staging_fd)
+        root.unnamed = unnamed_works(key, staging_fd)
         self._roots[key] = root
         return root
-
-
-def _unnamed_works(key: str, staging_fd: int) -> bool:
-    """Whether an unnamed file made in staging can be given a name: ``O_TMPFILE`` may be
-    missing (the file system), and naming one needs ``CAP_DAC_READ_SEARCH`` or ``/proc``.
-    Tried once per root: a file that could not be named later would be lost."""
-    try:
-        fd = open_unnamed(staging_fd)
-    except OSError as exc:
-        log.info("no O_TMPFILE in %s (%s): whole files are staged by name", key, exc)
-        return False
-    try:
-        name = _tmp_name()
-        name_unnamed(fd, staging_fd, name)
-        os.unlink(name, dir_fd=staging_fd)
-        return True
-    except OSError as exc:
-        log.info("cannot name an unnamed file in %s (%s): staged by name", key, exc)
-        return False
-    finally:
-        os.close(fd)
-
-
-def _unnamed_cap() -> int:
-    """How many unnamed staged files a segment may hold open: a share of the open-file
-    limit, so that sockets, journals and databases keep the rest."""
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return 4096
-    return max(0, min(4096, soft // 2 - 64))
-
-
-def _staging_name(entry: Entry) -> str:
-    raw = entry.root.encode("utf-8", "surrogateescape") + b"\0"
-    raw += entry.path.encode("utf-8", "surrogateescape")
-    return hashlib.sha256(raw).hexdigest()
-
-
-def _exists(entry: Entry, root: _Root) -> bool:
-    return lstat_at(root.staging_fd, _staging_name(entry)) is not None
-
-
-def _tmp_name() -> str:
-    return TMP_PREFIX + os.urandom(12).hex()
-
-
-def _unlink_quiet(name: str, dir_fd: int) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(name, dir_fd=dir_fd)
-
-
-def _set_meta_fd(
-    fd: int, entry: Entry, default_mode: int | None, born: tuple[int, int] | None = None
-) -> None:
-    """Owner, then mode (chown clears set-id bits), then mtime (last: anything changes it).
-
-    ``born``: the owner a new file has already; no chown when the entry names it (the
-    agent's own files, as root: most of a system's). A new file has no set-id bits to
-    clear, and its mode is set below all the same."""
-    if (entry.uid is not None or entry.gid is not None) and not (
-        born is not None
-        and (entry.uid is None or entry.uid == born[0])
-        and (entry.gid is None or entry.gid == born[1])
-    ):
-        os.fchown(fd, _id(entry.uid), _id(entry.gid))
-    mode = entry.mode if entry.mode is not None else default_mode
-    if mode is not None:
-        os.fchmod(fd, mode)
-    if entry.mtime_ns is not None:
-        os.utime(fd, ns=(time.time_ns(), entry.mtime_ns))
-
-
-def _set_link_meta(name: str, dir_fd: int, entry: Entry) -> None:
-    """Owner and mtime of a symlink itself; Linux has no mode on symlinks, so none is set."""
-    if entry.uid is not None or entry.gid is not None:
-        os.chown(name, _id(entry.uid), _id(entry.gid), dir_fd=dir_fd, follow_symlinks=False)
-    if entry.mtime_ns is not None:
-        times = (time.time_ns(), entry.mtime_ns)
-        os.utime(name, ns=times, dir_fd=dir_fd, follow_symlinks=False)
-
-
-def _id(value: int | None) -> int:
-    return -1 if value is None else value
-
-
-def _apply_error(seq: int, entry: Entry, exc: OSError) -> ApplyError:
-    if exc.errno in _NO_SPACE:
-        return ApplyError(f"no space left for {entry.path!r}: {exc}", seq=seq)
-    return ApplyError(f"{entry.op} {entry.path!r} in {entry.root!r}: {exc}", seq=seq)
