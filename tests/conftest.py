@@ -6,10 +6,16 @@ import os
 from collections.abc import Callable, Iterator
 
 import pytest
+from hypothesis import settings
 
 from stead.lab import Lab
 
 IS_ROOT = os.geteuid() == 0
+
+# No per-example deadline: on a busy two-core machine the first examples (imports, caches)
+# can take longer than Hypothesis's 200 ms, which says nothing about the property.
+settings.register_profile("stead", deadline=None)
+settings.load_profile("stead")
 
 LabFactory = Callable[..., Lab]
 

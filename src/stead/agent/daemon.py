@@ -23,6 +23,7 @@ from stead.agent.reclones import Reclones
 from stead.agent.requests import OperatorRequests
 from stead.agent.roles import JOURNAL_RESTART_KEY, RoleChanges
 from stead.agent.switchover import Procedures
+from stead.aio import TaskGroup
 from stead.api.server import serve_unix
 from stead.channel import messages as m
 from stead.channel import transport
@@ -111,7 +112,7 @@ class Agent(OperatorRequests, RoleChanges, Conversations, Procedures, Reclones, 
         self.recover_reclone()
         log.info("%s starting as %s, epoch %d", self.me, self.role, self.epoch)
         try:
-            async with asyncio.TaskGroup() as tasks:
+            async with TaskGroup() as tasks:
                 self.tasks = tasks
                 await self.recover_identity()
                 tasks.create_task(self._roles())
@@ -178,7 +179,7 @@ class Agent(OperatorRequests, RoleChanges, Conversations, Procedures, Reclones, 
             role = self.role
             self._role_change.clear()
             try:
-                async with asyncio.TaskGroup() as tasks:
+                async with TaskGroup() as tasks:
                     if role == "active":
                         await self._start_active(tasks)
                     else:

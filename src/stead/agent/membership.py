@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from stead.aio import first_cause
+from stead.aio import TaskGroup, first_cause
 from stead.channel import messages as m
 from stead.channel.transport import Backoff, Connection, connect
 from stead.config.schema import ClusterConfig, NodeSection
@@ -74,7 +74,7 @@ class Membership:
     # ---- dialling ----------------------------------------------------------------------
 
     async def run(self) -> None:
-        async with asyncio.TaskGroup() as tasks:
+        async with TaskGroup() as tasks:
             for peer in self.cluster.peers(self.me):
                 for address in peer.addresses:
                     tasks.create_task(self._dial_forever(peer, address))
@@ -123,7 +123,7 @@ class Membership:
             self.peers[peer.name].links[address] = "up"
             backoff.reset()
             try:
-                async with asyncio.TaskGroup() as tasks:
+                async with TaskGroup() as tasks:
                     tasks.create_task(self._send_beats(conn))
                     tasks.create_task(self._read_replies(conn, peer.name))
             except BaseExceptionGroup as group:
@@ -194,7 +194,7 @@ class Membership:
         await conn.send(self.hello())
         local = conn.local_address
         try:
-            async with asyncio.TaskGroup() as tasks:
+            async with TaskGroup() as tasks:
                 while True:
                     message = await conn.recv(timeout=self.cluster.failover.timeout * 2)
                     if isinstance(message, m.Heartbeat):

@@ -24,6 +24,7 @@ from stead.agent.base import AgentBase
 from stead.agent.conversations import VOTED_EPOCH_KEY, VOTED_FOR_KEY
 from stead.agent.membership import Membership
 from stead.agent.probes import WitnessMonitor
+from stead.aio import cancel_and_wait
 from stead.channel import messages as m
 from stead.channel.transport import ChannelServer
 from stead.errors import ServiceError, SteadError, UsageError
@@ -452,9 +453,7 @@ class RoleChanges(AgentBase):
     async def release_public(self, reason: str) -> None:
         """Services in reverse order, the public listener, the identity, with the hooks."""
         if self._monitor is not None:
-            self._monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._monitor
+            await cancel_and_wait(self._monitor)
             self._monitor = None
         errors = []
         try:

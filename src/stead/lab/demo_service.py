@@ -37,6 +37,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from stead.aio import cancel_and_wait
 from stead.fsutil import load_syncfs
 
 log = logging.getLogger(__name__)
@@ -162,9 +163,7 @@ class GroupWriter:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
 
 
 def _epoch() -> int | str | None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
+from stead.aio import TaskGroup, cancel_and_wait
 from stead.errors import NotFound as UnknownSchedule
 from stead.errors import UsageError
 from stead.reclone.schedule import Decision, Schedule, due, next_runs, parse_schedule
@@ -266,7 +267,7 @@ class Scheduler:
         """Fire schedules until cancelled; a run in progress is cancelled with it."""
         if not self._loaded:
             await self.load()
-        async with asyncio.TaskGroup() as group:
+        async with TaskGroup() as group:
             self._group = group
             try:
                 while True:
@@ -357,10 +358,7 @@ class Scheduler:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for waiter in waiters:
-                waiter.cancel()
-            for waiter in waiters:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await waiter
+                await cancel_and_wait(waiter)
 
     async def wait_idle(self) -> None:
         """Until no run is in progress (returns at once when none is)."""

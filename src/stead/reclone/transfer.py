@@ -46,7 +46,7 @@ import blake3
 import msgpack
 import zstandard
 
-from stead.aio import first_cause
+from stead.aio import TaskGroup, cancel_and_wait, first_cause
 from stead.channel import messages as m
 from stead.channel.transport import Connection
 from stead.errors import ChannelError, ProtocolError, RecloneError, SteadError, TimeoutExpired
@@ -191,7 +191,7 @@ class Source:
                 await conn.send(reply)
 
         try:
-            async with asyncio.TaskGroup() as tasks:
+            async with TaskGroup() as tasks:
                 tasks.create_task(answer())
                 tasks.create_task(send())
         except BaseExceptionGroup as group:
@@ -456,9 +456,7 @@ class Fetcher:
     async def close(self) -> None:
         """Stop reading replies (the connection is the caller's to close)."""
         if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+            await cancel_and_wait(self._reader)
 
     async def _read_replies(self) -> None:
         try:
@@ -682,7 +680,7 @@ class Fetcher:
                 self._flush_soon(written)
 
         try:
-            async with asyncio.TaskGroup() as tasks:
+            async with TaskGroup() as tasks:
                 tasks.create_task(send())
                 tasks.create_task(receive())
                 for lane in lanes:

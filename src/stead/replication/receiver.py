@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from stead.aio import first_cause
+from stead.aio import TaskGroup, first_cause
 from stead.channel import messages as m
 from stead.channel.transport import Connection
 from stead.config.schema import ClusterConfig
@@ -288,7 +288,7 @@ class Receiver:
         self.last_heartbeat = time.monotonic()
         log.info("active %s connected (epoch %d)", hello.node, hello.epoch)
         try:
-            async with asyncio.TaskGroup() as tasks:
+            async with TaskGroup() as tasks:
                 acks = tasks.create_task(self._ack_loop(conn))
                 try:
                     await self._read_loop(conn, timeout, tasks)

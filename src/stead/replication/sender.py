@@ -21,7 +21,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from stead.aio import first_cause
+from stead.aio import TaskGroup, first_cause
 from stead.channel import messages as m
 from stead.channel.transport import Backoff, Connection, connect
 from stead.config.schema import ClusterConfig, NodeSection
@@ -154,7 +154,7 @@ class Sender:
                 self.journal.head,
             )
             try:
-                async with asyncio.TaskGroup() as tasks:
+                async with TaskGroup() as tasks:
                     tasks.create_task(self._read_loop(conn))
                     await self._join(hello)
                     tasks.create_task(self._pump(conn))

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from stead.aio import TaskGroup
 from stead.errors import ServiceError
 from stead.services.config import HealthCheck, ServiceSpec
 from stead.services.control import ServiceControl, control_for
@@ -246,7 +247,7 @@ class ServiceManager:
         """Run every check at its interval while active and not in maintenance, and act on
         the results. Runs until cancelled. ``on_switchover(reason)`` is called at most once
         per activation."""
-        async with asyncio.TaskGroup() as group:
+        async with TaskGroup() as group:
             for service in self._services:
                 for check in service.checks:
                     group.create_task(

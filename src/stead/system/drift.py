@@ -10,12 +10,11 @@ itself fails the whole run.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from stead.aio import first_cause
+from stead.aio import TaskGroup, first_cause
 from stead.errors import SteadError
 from stead.system.compare import compare
 from stead.system.snapshot import Ask, Snapshot, fetch_snapshot
@@ -55,7 +54,7 @@ async def run_drift(
             fetched[name] = str(exc)
 
     try:
-        async with asyncio.TaskGroup() as tasks:
+        async with TaskGroup() as tasks:
             mine = tasks.create_task(local(trees, packages))
             for name in passives:
                 tasks.create_task(fetch(name))
