@@ -18,12 +18,13 @@ from stead.replication.receiver import Receiver
 from stead.store.db import StateStore
 
 
-def _receiver(tmp_path: Path) -> Receiver:
+def _receiver(tmp_path: Path, receive_memory: str = "64MiB") -> Receiver:
     root = tmp_path / "root"
     root.mkdir()
     cluster = ClusterConfig.model_validate(
         {
             "cluster": {"name": "t", "id": "0123456789", "active": "a"},
+            "replication": {"receive_memory": receive_memory},
             "protected": [{"path": "/srv"}],
             "nodes": [
                 {"name": "a", "addresses": ["198.18.0.1"]},
@@ -75,3 +76,19 @@ def test_a_record_held_nowhere_makes_the_passive_out_of_sync(tmp_path: Path) -> 
     receiver._apply_some()
     assert receiver.out_of_sync
     assert receiver.applied == 4
+
+
+async def test_records_beyond_the_receive_memory_spill_and_are_counted(tmp_path: Path) -> None:
+    receiver = _receiver(tmp_path, receive_memory="1KiB")
+    small = [_record(1)]
+    await receiver._hold(small)  # fits: held in memory, not written
+    assert receiver.status()["spilled_bytes"] == 0
+    assert receiver.queue.head < 1
+    big = [(seq, encode_record(1, Entry(Op.FILE, "/srv", f"f{seq}", size=600, data=b"y" * 600)))
+           for seq in (2, 3)]  # fmt: skip
+    await receiver._hold(big)  # over the bound: through the queue
+    spilled = sum(len(payload) for _, payload in big)
+    assert receiver.status()["spilled_bytes"] == spilled
+    assert receiver.queue.head == 3
+    await receiver._hold([_record(4)])  # behind the queue: spills too, although it would fit
+    assert receiver.status()["spilled_bytes"] == spilled + len(_record(4)[1])

@@ -71,6 +71,7 @@ class Receiver:
         self.active_head = 0
         self.apply_error = ""
         self.refused = 0
+        self.spilled_bytes = 0  # records written to the queue because memory was full
         self._queued = asyncio.Event()
         self._progress = asyncio.Event()
         self._unsynced = asyncio.Event()
@@ -340,6 +341,7 @@ class Receiver:
             self._queued.set()
             return
         await asyncio.to_thread(self.queue.append, records)
+        self.spilled_bytes += size
         self._unsynced.set()  # the sync loop makes them durable, then they are acked
 
     async def _room_for_more(self) -> None:
@@ -469,6 +471,7 @@ class Receiver:
             else None,
             "apply_error": self.apply_error,
             "refused": self.refused,
+            "spilled_bytes": self.spilled_bytes,
             "lineage": self.lineage,
             "in_sync": self.in_sync,
             "quarantine": self.applier.quarantine,
