@@ -13,54 +13,45 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+def _libc_function(name: str, argtypes: list[type[Any]]) -> Any | None:
+    """A libc function by ``name`` (errno kept for ``ctypes.get_errno``), or None where
+    libc or the function is missing."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        function = getattr(libc, name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = argtypes
+    function.restype = ctypes.c_int
+    return function
 
 
 def load_syncfs() -> Callable[[int], int] | None:
     """``syncfs(2)`` from libc (one flush per file system), or None where it is missing: the
     caller falls back to ``fsync`` and ``sync`` and says so."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        syncfs = libc.syncfs
-    except (OSError, AttributeError):
+    syncfs: Callable[[int], int] | None = _libc_function("syncfs", [ctypes.c_int])
+    if syncfs is None:
         log.warning("syncfs is not available: falling back to fsync and sync")
-        return None
-    syncfs.argtypes = [ctypes.c_int]
-    syncfs.restype = ctypes.c_int
     return syncfs
 
 
-def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        function = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE: Callable[[int, int, int, int], int] | None = _libc_function(
+    "sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+)
 _SYNC_FILE_RANGE_WRITE = 2
 
 
 AT_EMPTY_PATH = 0x1000  # linkat(2): the source is the open file itself
 
 
-def _load_linkat() -> Callable[[int, bytes, int, bytes, int], int] | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        function = libc.linkat
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-    function.restype = ctypes.c_int
-    return function
-
-
-_LINKAT = _load_linkat()
+_LINKAT: Callable[[int, bytes, int, bytes, int], int] | None = _libc_function(
+    "linkat", [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+)
 _linkat_empty_path = _LINKAT is not None  # until the kernel refuses it (no capability)
 
 
