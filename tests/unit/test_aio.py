@@ -10,29 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from stead import aio
-from stead.channel import messages as m
-from stead.config.schema import ClusterConfig
 from stead.errors import ChannelError
-from stead.replication import sender as sender_module
-from stead.replication.journal import Journal
-from stead.replication.sender import PeerState, Sender
-
-CLUSTER = ClusterConfig.model_validate(
-    {
-        "cluster": {"name": "t", "id": "0123456789", "active": "a"},
-        "protected": [{"path": "/srv"}],
-        "nodes": [
-            {"name": "a", "addresses": ["198.18.0.1"]},
-            {"name": "b", "addresses": ["198.18.0.2"]},
-        ],
-    }
-)
 
 
 async def _retrying(fail: asyncio.Event, group: Any) -> None:
@@ -154,78 +137,3 @@ async def test_cancel_and_wait_returns_once_the_task_is_gone() -> None:
     await asyncio.sleep(0)
     await aio.cancel_and_wait(inner)
     assert inner.cancelled()
-
-
-class _Passive:
-    """A connection to a passive that answers hello, then fails once aborted."""
-
-    def __init__(self) -> None:
-        self.greeted = False
-        self.aborted = asyncio.Event()
-
-    async def send(self, message: m.Message) -> None:
-        return None
-
-    async def recv(self, timeout: float | None = None) -> m.Message:
-        if not self.greeted:
-            self.greeted = True
-            return m.Hello(
-                protocol=m.PROTOCOL_VERSION,
-                cluster_id=CLUSTER.cluster.id,
-                node="b",
-                epoch=1,
-                role="passive",
-                applied_seq=0,
-                persisted_seq=0,
-                journal_head=0,
-            )
-        await self.aborted.wait()
-        raise ChannelError("connection to b broken: aborted")
-
-    def abort(self) -> None:
-        self.aborted.set()
-
-    async def close(self) -> None:
-        self.aborted.set()
-
-
-async def test_a_sender_aborted_and_cancelled_together_stops(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """What the active does when its role changes: abort the sessions, cancel the tasks."""
-    connections = 0
-
-    async def connect(*args: Any, **kwargs: Any) -> _Passive:
-        nonlocal connections
-        connections += 1
-        return _Passive()
-
-    up = asyncio.Event()
-
-    async def connected(state: PeerState) -> None:
-        up.set()
-
-    monkeypatch.setattr(sender_module, "connect", connect)
-    with Journal(tmp_path / "journal", segment_bytes=1 << 20) as journal:
-        sender = Sender(
-            me="a",
-            peer=CLUSTER.node("b"),
-            cluster=CLUSTER,
-            journal=journal,
-            ssl_context=None,  # type: ignore[arg-type]
-            epoch=lambda: 1,
-            on_connected=connected,
-            lineage=lambda: (0, 1),
-        )
-        task = asyncio.create_task(sender.run())
-        async with asyncio.timeout(5):
-            await up.wait()
-        sender.abort()
-        task.cancel()
-        await asyncio.wait([task], timeout=5.0)
-        stopped = task.done()
-        if not stopped:
-            task.cancel()
-            await asyncio.wait([task], timeout=5.0)
-    assert stopped, f"the sender went on after its cancellation ({connections} connections)"
-    assert connections == 1

@@ -346,6 +346,29 @@ async def test_sender_refuses_oversized_message(
         assert await conn.recv(timeout=TIMEOUT) == hello("primary")
 
 
+async def test_records_travel_as_a_raw_tail(
+    pki_dir: dict[str, Identity], start_server: Any
+) -> None:
+    """The form an active sends a passive that asked for it: payloads as views of the
+    received frame, seqs in the map."""
+    records = [(7, b"a" * 5000), (8, b""), (10, bytes(range(256)) * 300)]
+    received: asyncio.Future[m.Message] = asyncio.get_running_loop().create_future()
+
+    async def take(conn: Connection) -> None:
+        received.set_result(await conn.recv(timeout=TIMEOUT))
+
+    server = await start_server(take)
+    ctx = client_ctx(pki_dir, "secondary")
+    async with await connect(HOST, server.port, ctx, "primary", TIMEOUT) as conn:
+        await conn.send(m.Records(3, records, as_tail=True))
+        async with asyncio.timeout(TIMEOUT):
+            message = await received
+    assert isinstance(message, m.Records)
+    assert message.as_tail
+    assert message.epoch == 3
+    assert [(seq, bytes(payload)) for seq, payload in message.records] == records
+
+
 # ---- message validation ---------------------------------------------------------------------
 
 GOOD_HELLO = hello("primary").to_wire()
@@ -369,6 +392,11 @@ GOOD_HELLO = hello("primary").to_wire()
         ({"type": "records", "epoch": 1, "records": [[1, "text"]]}, "not bytes"),
         ({"type": "records", "epoch": 1, "records": [[1]]}, "pair"),
         ({"type": "records", "epoch": 1, "records": {}}, "not list"),
+        ({"type": "records", "epoch": 1, "seqs": [1, 2], "tail": [b"a"]}, "2 seqs but a tail of 1"),
+        ({"type": "records", "epoch": 1, "seqs": [2, 2], "tail": [b"a", b"b"]}, "does not follow"),
+        ({"type": "records", "epoch": 1, "seqs": [True], "tail": [b"a"]}, "invalid seq"),
+        ({"type": "records", "epoch": 1, "tail": [b"a"]}, "needs a list of seqs"),
+        ({**GOOD_HELLO, "tail_records": "yes"}, "not bool"),
         ({"type": "ack", "received": 1, "persisted": 2, "applied": 0}, "out of order"),
         ({"type": "heartbeat", "epoch": 1, "role": "active", "sent_at": float("nan"),
           "journal_head": 0, "applied_seq": 0}, "finite"),

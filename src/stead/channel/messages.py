@@ -106,12 +106,16 @@ class Hello(Message):
     # The epoch whose history the node's position (applied/persisted) belongs to; -1: the
     # same as ``epoch`` (older peers do not send it).
     lineage: int = -1
+    # A passive that takes :class:`Records` with the payloads as the frame's raw tail says
+    # so; an active sends that form only to such a passive (older ones get the list form).
+    tail_records: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         return {
             "type": self.TYPE,
             "purpose": self.purpose,
             "lineage": self.lineage,
+            "tail_records": self.tail_records,
             "protocol": self.protocol,
             "cluster_id": self.cluster_id,
             "node": self.node,
@@ -139,6 +143,7 @@ class Hello(Message):
             journal_head=f.uint("journal_head"),
             purpose=f.choice("purpose", PURPOSES, default="replication"),
             lineage=f.optional_int("lineage", default=-1, minimum=-1),
+            tail_records=f.flag("tail_records", default=False),
         )
 
 
@@ -148,12 +153,23 @@ PURPOSES = frozenset({"replication", "heartbeat", "reclone"})
 @register("records")
 @dataclass(frozen=True, slots=True)
 class Records(Message):
-    """A batch of journal records ``(seq, payload)`` with strictly increasing seqs."""
+    """A batch of journal records ``(seq, payload)`` with strictly increasing seqs.
+
+    With ``as_tail`` the payloads travel as the frame's raw tail and only their seqs in the
+    map: neither side copies them through msgpack (the receiver gets views of the frame).
+    Sent so only to a passive whose hello asked for it; both forms are accepted.
+    """
 
     epoch: int
-    records: list[tuple[int, bytes]]
+    records: list[tuple[int, Any]]  # payloads: bytes, or views of the received frame
+    as_tail: bool = False
+
+    def tail(self) -> list[Any]:
+        return [payload for _, payload in self.records] if self.as_tail else []
 
     def to_wire(self) -> dict[str, Any]:
+        if self.as_tail and self.records:
+            return {"type": self.TYPE, "epoch": self.epoch, "seqs": [s for s, _ in self.records]}
         return {
             "type": self.TYPE,
             "epoch": self.epoch,
@@ -164,8 +180,10 @@ class Records(Message):
     def from_wire(cls, wire: dict[str, Any]) -> Records:
         f = _Fields(cls.TYPE, wire)
         epoch = f.uint("epoch")
+        if TAIL_KEY in wire:
+            return cls(epoch=epoch, records=_tail_records(wire), as_tail=True)
         raw = f.get("records", list)
-        records: list[tuple[int, bytes]] = []
+        records: list[tuple[int, Any]] = []
         previous = -1
         for index, item in enumerate(raw):
             if not isinstance(item, list) or len(item) != 2:
@@ -180,6 +198,23 @@ class Records(Message):
             previous = seq
             records.append((seq, payload))
         return cls(epoch=epoch, records=records)
+
+
+def _tail_records(wire: dict[str, Any]) -> list[tuple[int, Any]]:
+    """The records of the tail form: ``seqs`` in the map, one tail part per seq."""
+    seqs, parts = wire.get("seqs"), wire[TAIL_KEY]
+    if not isinstance(seqs, list):
+        raise ProtocolError("records: the tail form needs a list of seqs")
+    if not isinstance(parts, list) or len(parts) != len(seqs):
+        raise ProtocolError(f"records: {len(seqs)} seqs but a tail of {len(parts)} parts")
+    previous = -1
+    for index, seq in enumerate(seqs):
+        if not _is_int(seq) or seq < 0:
+            raise ProtocolError(f"records: record {index} has an invalid seq {seq!r}")
+        if seq <= previous:
+            raise ProtocolError(f"records: seq {seq} does not follow {previous}")
+        previous = seq
+    return list(zip(seqs, parts, strict=True))
 
 
 @register("ack")

@@ -280,6 +280,7 @@ class Receiver:
                 persisted_seq=self.persisted,
                 journal_head=self.head,
                 lineage=self.lineage,
+                tail_records=True,
             )
         )
         previous, self._current = self._current, conn

@@ -157,7 +157,7 @@ class Sender:
                 async with TaskGroup() as tasks:
                     tasks.create_task(self._read_loop(conn))
                     await self._join(hello)
-                    tasks.create_task(self._pump(conn))
+                    tasks.create_task(self._pump(conn, hello.tail_records))
                     tasks.create_task(self._heartbeats(conn))
                     tasks.create_task(self.on_connected(state))
             except BaseExceptionGroup as group:
@@ -228,8 +228,9 @@ class Sender:
             lineage=self.epoch(),
         )
 
-    async def _pump(self, conn: Connection) -> None:
-        """Send journal records from where the passive stands, as they arrive."""
+    async def _pump(self, conn: Connection, as_tail: bool = False) -> None:
+        """Send journal records from where the passive stands, as they arrive (``as_tail``:
+        the payloads as the frame's raw tail, for a passive that said it takes them)."""
         position = self.state.persisted + 1
         batch_bytes = self.cluster.replication.batch_bytes
         while True:
@@ -250,7 +251,7 @@ class Sender:
                 await self._reset_passive()
                 position = self.state.persisted + 1
                 continue
-            await conn.send(m.Records(epoch=self.epoch(), records=records))
+            await conn.send(m.Records(epoch=self.epoch(), records=records, as_tail=as_tail))
             self.state.bytes_sent += sum(len(payload) for _, payload in records)
             position = records[-1][0] + 1
 
