@@ -358,6 +358,8 @@ class Scheduler:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for waiter in waiters:
+                waiter.cancel()  # all at once: a cancellation of ours mid-way leaves none
+            for waiter in waiters:
                 await cancel_and_wait(waiter)
 
     async def wait_idle(self) -> None:
